@@ -1,0 +1,130 @@
+"""Schema of `lmforge tokenize`: where text comes from, which tokenizer, how shards are cut."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from lmforge.config.base import StrictModel
+
+
+class StdlibSource(StrictModel):
+    """The running interpreter's standard-library sources (~1,800 .py files, ~31 MB): a corpus every machine has."""
+
+    type: Literal["stdlib"] = "stdlib"
+    """Source kind."""
+    exclude_tests: bool = False
+    """Leave out the `test/` package, `tests/` folders and `idlelib` (about 60% of the bytes)."""
+
+
+class FilesSource(StrictModel):
+    """Local files: .txt, .jsonl/.jsonl.gz, .csv, .parquet, by path or glob (`**` recurses)."""
+
+    type: Literal["files"] = "files"
+    """Source kind."""
+    paths: list[str] = Field(min_length=1)
+    """Files, folders or globs, relative to the working directory; a folder means every file below it."""
+    format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = "auto"
+    """File format; `auto` goes by extension (.txt .jsonl .json .jsonl.gz .csv .parquet, else txt)."""
+    text_field: str = "text"
+    """Column or JSON key holding the document text (jsonl, csv, parquet)."""
+    txt_documents: Literal["file", "blank_line"] = "file"
+    """In .txt files, one document per file, or one per block separated by blank lines."""
+
+
+class HFSource(StrictModel):
+    """A Hugging Face dataset by hub name (from the local cache when offline) or local folder."""
+
+    type: Literal["hf"] = "hf"
+    """Source kind."""
+    name: str
+    """Hub name (`org/dataset`) or a local dataset folder (a `save_to_disk` folder or data files)."""
+    config: str | None = None
+    """Dataset configuration (subset) name."""
+    split: str = "train"
+    """Split to read."""
+    text_field: str = "text"
+    """Column holding the document text."""
+    streaming: bool = False
+    """Stream the dataset instead of materialising its Arrow cache (for very large datasets)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+
+
+Source = Annotated[StdlibSource | FilesSource | HFSource, Field(discriminator="type")]
+
+
+class TrainTokenizer(StrictModel):
+    """Train a byte-level BPE (GPT-2 pre-tokenization) on a deterministic sample of the sources."""
+
+    vocab_size: int = Field(8192, ge=300, le=1_000_000)
+    """Vocabulary size, special tokens included."""
+    min_frequency: int = Field(2, ge=1)
+    """A merge must occur at least this often in the sample."""
+    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"], min_length=1)
+    """Special tokens; the first one is the end-of-document (EOS) token."""
+    sample_bytes: int = Field(256_000_000, ge=1)
+    """Cap on the text used for training, in UTF-8 bytes (the documents with the smallest hashes)."""
+
+
+class TokenizerConfig(StrictModel):
+    """Which tokenizer: train one (`train:`) or load one (`pretrained:`), exactly one of the two."""
+
+    train: TrainTokenizer | None = None
+    """Train a new byte-level BPE with these settings."""
+    pretrained: str | None = None
+    """Hugging Face tokenizer folder or hub name (from the local cache when offline)."""
+    eos_token: str | None = None
+    """End-of-document token for a pretrained tokenizer; default: the tokenizer's own EOS."""
+    fast: bool = True
+    """Use the tiktoken encoder for byte-level BPE where it gives identical ids (checked at start-up)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenizerConfig:
+        if (self.train is None) == (self.pretrained is None):
+            raise ValueError("set exactly one of `tokenizer.train` (train a BPE) or `tokenizer.pretrained`")
+        return self
+
+
+class SplitConfig(StrictModel):
+    """Train/validation split by document hash: stable, order-free, and duplicates never straddle it."""
+
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    """Fraction of documents held out for validation."""
+    val_docs: int | None = Field(None, ge=1)
+    """Hold out exactly this many documents instead (those with the smallest hashes)."""
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SplitConfig:
+        if self.val_docs is not None and "val_fraction" in self.model_fields_set:
+            raise ValueError("set `split.val_fraction` or `split.val_docs`, not both")
+        return self
+
+
+class TokenizeConfig(StrictModel):
+    """`lmforge tokenize`: text sources -> tokenizer -> uint16/uint32 token shards + meta.json."""
+
+    out_dir: Path
+    """Output folder: tokenizer/, train/ and val/ shards, meta.json, config.yaml."""
+    sources: list[Source] = Field(min_length=1)
+    """Where the text comes from, read in this order."""
+    tokenizer: TokenizerConfig
+    """The tokenizer to train or load."""
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    """How documents are split between train and val."""
+    shard_bytes: int = Field(16 * 2**20, ge=1024)
+    """Text per shard (one unit of parallel work), in UTF-8 bytes."""
+    workers: int = Field(0, ge=0)
+    """Worker processes for encoding; 0 means one per CPU core."""
+    utf8_errors: Literal["replace", "error"] = "replace"
+    """Invalid UTF-8: replace bad bytes with U+FFFD (counted), or stop naming file and byte offset."""
+    bad_records: Literal["error", "skip"] = "error"
+    """A malformed JSON line or a record without a text field: stop naming file and line, or skip it (counted)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def output_digest(self) -> str:
+        """Hash of every setting that changes the bytes written (resume refuses a mismatch)."""
+        return self.digest(exclude={"out_dir", "workers", "progress"})
