@@ -1,0 +1,1 @@
+"""Token data: document sources (read) and token shards (write, memory-mapped read)."""

@@ -1,0 +1,389 @@
+"""Document sources: the built-in corpus, local files, Hugging Face datasets, behind one interface.
+
+Every source streams documents (str) one at a time, so memory does not grow with corpus size, and
+applies the same bad-input policy: invalid UTF-8 is replaced (and counted) or reported with file and
+byte offset; empty documents are skipped and counted; a malformed record or a missing text field is
+reported with file and line, or skipped and counted. `check()` runs before any work so that a wrong
+path or a missing column is an error at start-up, not after an hour.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import json
+import os
+import sys
+import sysconfig
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from lmforge.config.tokenize import FilesSource, HFSource, StdlibSource
+
+BINARY_SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB marks a file as binary (as git does)
+
+
+class DataError(Exception):
+    """Bad input that stops the run; the message names the file (line, byte offset) and what to do."""
+
+
+class Policy:
+    """What to do with bad input, and the counters that the summary reports."""
+
+    def __init__(self, utf8_errors: str = "replace", bad_records: str = "error"):
+        self.utf8_errors, self.bad_records = utf8_errors, bad_records
+        self.skipped: Counter[str] = Counter()  # reason -> documents (or files) skipped
+        self.replaced_docs = 0  # documents in which invalid UTF-8 was replaced by U+FFFD
+        self.warnings: list[str] = []
+
+    def decode(self, data: bytes, where: str, offset: int = 0) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if self.utf8_errors == "error":
+                raise DataError(f"{where}: invalid UTF-8 at byte offset {offset + e.start} "
+                                f"(set utf8_errors: replace to substitute U+FFFD and go on)") from None
+            self.replaced_docs += 1
+            return data.decode("utf-8", errors="replace")
+
+    def clean(self, text: str, where: str) -> str:
+        """Text that came decoded (JSON escapes, datasets) may hold lone surrogates: not encodable."""
+        try:
+            text.encode("utf-8")
+            return text
+        except UnicodeEncodeError:
+            return self.decode(text.encode("utf-8", errors="surrogatepass"), where)
+
+    def bad_record(self, where: str, problem: str, reason: str) -> None:
+        if self.bad_records == "error":
+            raise DataError(f"{where}: {problem} (set bad_records: skip to skip such records and count them)")
+        self.skipped[reason] += 1
+
+    def keep(self, text: str) -> bool:
+        if text.strip():
+            return True
+        self.skipped["empty"] += 1
+        return False
+
+
+class Reader:
+    """One configured source: `check()` up front, then `documents()` as a stream."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Fail now, before work starts, on what can be seen without reading everything."""
+
+    def total_bytes(self) -> int | None:
+        """Input size for the progress bar's ETA, when it is known cheaply."""
+        return None
+
+    def documents(self, policy: Policy) -> Iterator[str]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------
+# Local files
+
+
+def _format_of(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.name.lower()
+    for suffix, kind in ((".jsonl.gz", "jsonl"), (".json.gz", "jsonl"), (".jsonl", "jsonl"), (".json", "jsonl"),
+                         (".csv", "csv"), (".parquet", "parquet")):
+        if name.endswith(suffix):
+            return kind
+    return "txt"
+
+
+def _lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(line number from 1, byte offset of the line, line bytes) of a plain or gzipped file."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    offset = 0
+    with opener(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            yield number, offset, line
+            offset += len(line)
+
+
+class FilesReader(Reader):
+    def __init__(self, spec: FilesSource):
+        self.spec = spec
+        self._files: list[Path] | None = None
+
+    def describe(self) -> str:
+        return f"files {', '.join(self.spec.paths)}"
+
+    def files(self) -> list[Path]:
+        if self._files is None:
+            found: dict[Path, None] = {}
+            for pattern in self.spec.paths:
+                pattern = os.path.expanduser(pattern)
+                if glob.has_magic(pattern):
+                    matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
+                    if not matches:
+                        raise DataError(f"source '{pattern}': the pattern matches no files")
+                elif Path(pattern).is_dir():
+                    matches = sorted(p for p in Path(pattern).rglob("*") if p.is_file())
+                    if not matches:
+                        raise DataError(f"source '{pattern}': the folder holds no files")
+                elif Path(pattern).exists():
+                    matches = [Path(pattern)]
+                else:
+                    raise DataError(f"source '{pattern}': no such file or folder")
+                found.update(dict.fromkeys(matches))
+            self._files = list(found)
+        return self._files
+
+    def check(self) -> None:
+        for path in self.files():
+            if not os.access(path, os.R_OK):
+                raise DataError(f"{path}: file is not readable (permission denied)")
+            kind = _format_of(path, self.spec.format)
+            if kind == "csv":
+                with open(path, encoding="utf-8", errors="replace", newline="") as f:
+                    header = next(csv.reader(f), None)
+                if header is not None and self.spec.text_field not in header:
+                    raise DataError(f"{path}: no column '{self.spec.text_field}'; columns are {header} "
+                                    f"(set text_field to the column holding the text)")
+            elif kind == "parquet":
+                import pyarrow.parquet as pq
+
+                try:
+                    names = pq.ParquetFile(path).schema_arrow.names
+                except Exception as e:
+                    raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+                if self.spec.text_field not in names:
+                    raise DataError(f"{path}: no column '{self.spec.text_field}'; columns are {names} "
+                                    f"(set text_field to the column holding the text)")
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+    def documents(self, policy: Policy) -> Iterator[str]:
+        for path in self.files():
+            kind = _format_of(path, self.spec.format)
+            try:
+                yield from getattr(self, f"_{kind}")(path, policy)
+            except (OSError, EOFError, gzip.BadGzipFile) as e:
+                raise DataError(f"{path}: cannot read: {e}") from None
+
+    def _txt(self, path: Path, policy: Policy) -> Iterator[str]:
+        with open(path, "rb") as f:
+            head = f.read(BINARY_SNIFF_BYTES)
+        if b"\0" in head:
+            policy.skipped["binary_file"] += 1
+            policy.warnings.append(f"{path}: looks binary (NUL bytes), skipped")
+            return
+        if self.spec.txt_documents == "file":
+            text = policy.decode(path.read_bytes(), str(path))
+            if policy.keep(text):
+                yield text
+            return
+        block, start = [], 0
+        for number, offset, line in _lines(path):
+            if line.strip():
+                if not block:
+                    start = offset
+                block.append(line)
+            elif block:
+                yield from self._block(block, path, start, policy)
+                block = []
+        if block:
+            yield from self._block(block, path, start, policy)
+
+    @staticmethod
+    def _block(lines: list[bytes], path: Path, start: int, policy: Policy) -> Iterator[str]:
+        text = policy.decode(b"".join(lines).rstrip(b"\r\n"), str(path), start)
+        if policy.keep(text):
+            yield text
+
+    def _jsonl(self, path: Path, policy: Policy) -> Iterator[str]:
+        field = self.spec.text_field
+        for number, offset, raw in _lines(path):
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            line = policy.decode(raw, where, offset)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                policy.bad_record(where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed_json")
+                continue
+            if not isinstance(record, dict) or field not in record:
+                policy.bad_record(where, f"no '{field}' field (set text_field to the key holding the text)",
+                                  "missing_field")
+                continue
+            text = record[field]
+            if not isinstance(text, str):
+                policy.bad_record(where, f"'{field}' is {type(text).__name__}, not text", "not_text")
+                continue
+            text = policy.clean(text, where)
+            if policy.keep(text):
+                yield text
+
+    def _csv(self, path: Path, policy: Policy) -> Iterator[str]:
+        csv.field_size_limit(sys.maxsize)  # a document can be far longer than csv's 128 KiB default
+        lines = (policy.decode(raw, f"{path}:{number}", offset) for number, offset, raw in _lines(path))
+        reader = csv.reader(lines)
+        header = next(reader, None)
+        if header is None:
+            return
+        column = header.index(self.spec.text_field)
+        for row in reader:
+            if len(row) <= column:
+                policy.bad_record(f"{path}:{reader.line_num}", f"row has {len(row)} fields, no '{self.spec.text_field}'",
+                                  "missing_field")
+                continue
+            if policy.keep(row[column]):
+                yield row[column]
+
+    def _parquet(self, path: Path, policy: Policy) -> Iterator[str]:
+        import pyarrow.parquet as pq
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(columns=[self.spec.text_field], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                where = f"{path}: row {row}"
+                if isinstance(value, bytes):
+                    value = policy.decode(value, where)
+                if not isinstance(value, str):
+                    policy.bad_record(where, f"'{self.spec.text_field}' is {type(value).__name__}, not text",
+                                      "not_text")
+                    continue
+                if policy.keep(value):
+                    yield value
+
+
+# --------------------------------------------------------------------------------------------------
+# The built-in corpus
+
+
+def stdlib_files(exclude_tests: bool = False) -> list[Path]:
+    """The interpreter's standard-library .py files in a stable order, installed packages left out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if "site-packages" in parts or "dist-packages" in parts:
+            continue
+        if exclude_tests and (parts[0] in ("test", "idlelib") or "tests" in parts):
+            continue
+        out.append(path)
+    return out
+
+
+class StdlibReader(FilesReader):
+    def __init__(self, spec: StdlibSource):
+        super().__init__(FilesSource(paths=["<stdlib>"], format="txt"))
+        self.stdlib = spec
+
+    def describe(self) -> str:
+        return f"Python {sys.version.split()[0]} standard library ({sysconfig.get_paths()['stdlib']})"
+
+    def files(self) -> list[Path]:
+        if self._files is None:
+            self._files = stdlib_files(self.stdlib.exclude_tests)
+            if not self._files:
+                raise DataError(f"no .py files under {sysconfig.get_paths()['stdlib']}: "
+                                "this interpreter ships without its standard-library sources")
+        return self._files
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face datasets
+
+
+class HFReader(Reader):
+    def __init__(self, spec: HFSource):
+        self.spec = spec
+        self._dataset = None
+
+    def describe(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in (("config", self.spec.config), ("split", self.spec.split)) if v)
+        return f"dataset {self.spec.name}{extra}"
+
+    def dataset(self):
+        if self._dataset is None:
+            import datasets
+
+            s = self.spec
+            try:
+                local = Path(s.name)
+                if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
+                    ds = datasets.load_from_disk(str(local))
+                    if isinstance(ds, datasets.DatasetDict):
+                        if s.split not in ds:
+                            raise DataError(f"{local}: no split '{s.split}'; splits are {list(ds)}")
+                        ds = ds[s.split]
+                    ds = ds.to_iterable_dataset() if s.streaming else ds
+                else:
+                    ds = datasets.load_dataset(s.name, s.config, split=s.split, streaming=s.streaming,
+                                               revision=s.revision)
+            except DataError:
+                raise
+            except Exception as e:
+                offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+                hint = (" It is not in the local cache; download it on a machine with network "
+                        "(`hf download --repo-type dataset NAME`) or point `name` at a local folder.") if offline else ""
+                raise DataError(f"cannot load dataset '{s.name}' ({self.describe()}): "
+                                f"{type(e).__name__}: {e}.{hint}") from None
+            self._dataset = ds
+        return self._dataset
+
+    def check(self) -> None:
+        columns = self.dataset().column_names
+        if columns is not None and self.spec.text_field not in columns:
+            raise DataError(f"dataset '{self.spec.name}': no column '{self.spec.text_field}'; columns are "
+                            f"{columns} (set text_field to the column holding the text)")
+
+    def total_bytes(self) -> int | None:
+        table = getattr(self.dataset(), "data", None)  # an Arrow table, unless streaming
+        return table.column(self.spec.text_field).nbytes if table is not None else None
+
+    def documents(self, policy: Policy) -> Iterator[str]:
+        ds = self.dataset().select_columns([self.spec.text_field])
+        row = 0
+        for batch in ds.iter(batch_size=1024):
+            for value in batch[self.spec.text_field]:
+                row += 1
+                where = f"dataset '{self.spec.name}' row {row}"
+                if not isinstance(value, str):
+                    policy.bad_record(where, f"'{self.spec.text_field}' is {type(value).__name__}, not text",
+                                      "not_text")
+                    continue
+                value = policy.clean(value, where)
+                if policy.keep(value):
+                    yield value
+
+
+def open_source(spec: StdlibSource | FilesSource | HFSource) -> Reader:
+    return {"stdlib": StdlibReader, "files": FilesReader, "hf": HFReader}[spec.type](spec)
+
+
+def read_all(readers: list[Reader], policy: Policy) -> Iterator[str]:
+    """All sources in order; a source that yields no document at all is an error."""
+    for reader in readers:
+        count = 0
+        for text in reader.documents(policy):
+            count += 1
+            yield text
+        if count == 0:
+            raise DataError(f"source {reader.describe()} yielded no documents "
+                            f"(skipped so far: {dict(policy.skipped) or 'none'}); check its paths and text_field")
+
+
+def describe_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+__all__ = ["DataError", "Policy", "Reader", "open_source", "read_all", "stdlib_files", "describe_bytes"]

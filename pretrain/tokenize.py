@@ -1,0 +1,368 @@
+"""`lmforge tokenize CONFIG.yaml [key=value ...]`: text sources -> tokenizer -> token shards.
+
+Reads top to bottom: config -> sources -> tokenizer (train or load) -> encoder check -> chunks of
+documents encoded by N worker processes, each shard published atomically -> meta.json -> summary.
+
+Memory stays bounded: the main process streams documents and keeps at most 2 x workers chunks of
+`shard_bytes` in flight. A rerun skips every chunk whose completion record matches the data, so a
+crashed run resumes and ends byte-identical to an uninterrupted one. meta.json is written last; a
+folder without it is never read as data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lmforge.config import save_config, to_yaml
+from lmforge.config.command import parse_command
+from lmforge.config.tokenize import TokenizeConfig
+from lmforge.data.shards import FORMAT, SPLITS, atomic_write_json, read_meta, token_dtype, write_shard
+from lmforge.data.sources import DataError, Policy, describe_bytes, open_source, read_all
+from lmforge.tokenizer import Encoder, TokenizerError, folder_hash, load_pretrained, save_folder, train_bpe, write_folder
+
+VERIFY_DOCS = 256  # documents checked for fast-encoder/tokenizers id identity at start-up
+VERIFY_BYTES = 8 * 2**20
+
+
+def doc_hash(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def hash_fraction(digest: bytes) -> float:
+    """A document's position in [0, 1), from its content hash: the split and the training sample use it."""
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@dataclass
+class Chunk:
+    index: int
+    docs: list[str] = field(default_factory=list)
+    val: list[bool] = field(default_factory=list)
+    nbytes: int = 0
+    hasher: object = field(default_factory=lambda: hashlib.blake2b(digest_size=16))
+
+    @property
+    def digest(self) -> str:
+        return self.hasher.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = parse_command("lmforge tokenize", TokenizeConfig, argv, __doc__.split("\n")[0])
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    try:
+        return run(cfg)
+    except (DataError, TokenizerError) as e:
+        print(f"lmforge tokenize: error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(cfg: TokenizeConfig) -> int:
+    started = time.time()
+    out = Path(cfg.out_dir)
+    digest = cfg.output_digest()
+
+    # -- sources: everything that can be checked without reading it all fails now --------------
+    readers = [open_source(spec) for spec in cfg.sources]
+    for reader in readers:
+        reader.check()
+    if (out / "meta.json").exists():
+        if read_meta(out).get("config_digest") == digest:
+            print(f"[tokenize] {out} is already complete for this config; nothing to do")
+            return 0
+        raise DataError(f"{out} holds finished output of a different config; choose another out_dir "
+                        "or delete that folder")
+    state = out / "chunks" / "state.json"
+    if state.exists() and read_json(state).get("config_digest") != digest:
+        raise DataError(f"{out} holds a partial run of a different config; choose another out_dir or delete "
+                        "that folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob("*/.*.tmp"):  # half-written files of a crashed run
+        leftover.unlink()
+    save_config(cfg, out / "config.yaml")
+    atomic_write_json(state, {"config_digest": digest})
+    for reader in readers:
+        print(f"[tokenize] source: {reader.describe()}")
+
+    # -- one streaming pre-pass when needed: tokenizer training sample, exact val count -------
+    tok_dir = out / "tokenizer"
+    need_sample = cfg.tokenizer.train is not None and not (tok_dir / "tokenizer.json").exists()
+    val_cut = cfg.split.val_fraction
+    if need_sample or cfg.split.val_docs is not None:
+        sample, val_cut_docs = prepass(cfg, readers, need_sample)
+        val_cut = val_cut_docs if cfg.split.val_docs is not None else val_cut
+    # -- tokenizer ------------------------------------------------------------------------------
+    if cfg.tokenizer.train is not None:
+        t = cfg.tokenizer.train
+        eos_token = t.special_tokens[0]
+        if need_sample:
+            print(f"[tokenize] training a {t.vocab_size}-token byte-level BPE on "
+                  f"{describe_bytes(sum(len(s) for s in sample))} of text")
+            tok = train_bpe(sample, t.vocab_size, t.special_tokens, t.min_frequency, show_progress=cfg.progress)
+            pad = t.special_tokens[1] if len(t.special_tokens) > 1 else None
+            save_folder(tok, tok_dir, eos_token=eos_token, pad_token=pad)
+            del sample, tok
+    else:
+        hf = load_pretrained(cfg.tokenizer.pretrained)
+        eos_token = cfg.tokenizer.eos_token or hf.eos_token
+        if eos_token is None:
+            raise TokenizerError(f"tokenizer '{cfg.tokenizer.pretrained}' has no EOS token; set tokenizer.eos_token")
+        if not (tok_dir / "tokenizer.json").exists():
+            if not hf.is_fast:
+                raise TokenizerError(f"tokenizer '{cfg.tokenizer.pretrained}' has no tokenizer.json "
+                                     "(a `tokenizers` backend); convert it or pick another")
+            write_folder(hf, tok_dir)
+    tokenizer_json = (tok_dir / "tokenizer.json").read_text(encoding="utf-8")
+    encoder = Encoder(tokenizer_json, fast=cfg.tokenizer.fast)
+    vocab_size = encoder.reference.get_vocab_size(with_added_tokens=True)
+    eos_id = encoder.reference.token_to_id(eos_token)
+    if eos_id is None:
+        raise TokenizerError(f"EOS token {eos_token!r} is not in the tokenizer's vocabulary; set tokenizer.eos_token")
+    dtype = token_dtype(vocab_size)
+
+    # -- encoder check: the fast path must give identical ids on real documents ----------------
+    probe, probe_bytes = [], 0
+    for text in read_all(readers, Policy("replace", "skip")):
+        probe.append(text)
+        probe_bytes += len(text)
+        if len(probe) >= VERIFY_DOCS or probe_bytes >= VERIFY_BYTES:
+            break
+    problem = encoder.verify(probe)
+    if problem:
+        print(f"[tokenize] warning: {problem}; using tokenizers", file=sys.stderr)
+    print(f"[tokenize] tokenizer: vocab {vocab_size}, EOS {eos_token!r} = {eos_id}, ids as {dtype.name}, "
+          f"encoder {encoder.kind} ({encoder.reason})")
+
+    # -- encode: chunks of documents to worker processes, bounded in flight ---------------------
+    workers = cfg.workers or len(os.sched_getaffinity(0))
+    policy = Policy(cfg.utf8_errors, cfg.bad_records)
+    totals = [r.total_bytes() for r in readers]
+    bar = tqdm(total=sum(totals) if None not in totals else None, unit="B", unit_scale=True, desc="tokenize",
+               disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
+    records: dict[int, dict] = {}
+    fingerprint = hashlib.sha256()
+    docs = nbytes = tokens = resumed = peak_worker = 0
+
+    def collect(chunk_bytes: int, record: dict) -> None:
+        nonlocal docs, tokens, peak_worker
+        peak_worker = max(peak_worker, record.pop("peak_rss", 0))
+        records[record["index"]] = record
+        docs += sum(record[s]["documents"] for s in SPLITS if record[s])
+        tokens += sum(record[s]["tokens"] for s in SPLITS if record[s])
+        bar.update(chunk_bytes)
+        elapsed = max(time.time() - encode_start, 1e-9)
+        bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed / 1e6:.2f}M tok/s", refresh=False)
+
+    encode_start = time.time()
+    context = multiprocessing.get_context("spawn")  # not fork: the parent may hold tokenizers' threads
+    init = (tokenizer_json, encoder.kind == "tiktoken", eos_id, dtype.str, vocab_size, str(out))
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init) as pool:
+        pending: dict = {}
+        try:
+            for chunk in chunked(read_all(readers, policy), cfg.shard_bytes, val_cut):
+                fingerprint.update(chunk.digest.encode())
+                nbytes += chunk.nbytes
+                done = finished_record(out, chunk, dtype)
+                if done is not None:
+                    resumed += 1
+                    collect(chunk.nbytes, done)
+                    continue
+                while len(pending) >= 2 * workers:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        collect(pending.pop(future), future.result())
+                pending[pool.submit(encode_chunk, chunk.index, chunk.docs, chunk.val, chunk.digest)] = chunk.nbytes
+            for future in list(pending):
+                collect(pending.pop(future), future.result())
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+        finally:
+            bar.close()
+    encode_seconds = time.time() - encode_start
+
+    # -- meta.json last: its presence marks the output complete ---------------------------------
+    count = len(records)
+    for stale in (out / "chunks").glob("[0-9]*.json"):  # records from a longer earlier version of the data
+        if int(stale.stem) >= count:
+            stale.unlink()
+    splits = {}
+    for split in SPLITS:
+        shards = [records[i][split] for i in range(count) if records[i][split]]
+        splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards),
+                         "shards": shards}
+    meta = {
+        "format": FORMAT,
+        "dtype": dtype.name,
+        "tokenizer": {"path": "tokenizer", "hash": folder_hash(tok_dir), "vocab_size": vocab_size,
+                      "eos_id": eos_id, "eos_token": eos_token},
+        "splits": splits,
+        "source_fingerprint": fingerprint.hexdigest()[:32],
+        "sources": [r.describe() for r in readers],
+        "bytes": nbytes,
+        "skipped": dict(sorted(policy.skipped.items())),
+        "utf8_replaced_documents": policy.replaced_docs,
+        "config_digest": digest,
+        "config": cfg.model_dump(mode="json", exclude={"out_dir", "workers", "progress"}),
+    }
+    atomic_write_json(out / "meta.json", meta)
+
+    # -- summary ----------------------------------------------------------------------------------
+    for warning in policy.warnings[:20]:
+        print(f"[tokenize] warning: {warning}", file=sys.stderr)
+    peak_main = peak_rss()
+    summary = {
+        "documents": docs, "tokens": tokens, "bytes": nbytes,
+        "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
+        "val_documents": splits["val"]["documents"], "shards": count, "shards_resumed": resumed,
+        "skipped": meta["skipped"], "utf8_replaced_documents": policy.replaced_docs,
+        "encoder": encoder.kind, "workers": workers,
+        "encode_seconds": round(encode_seconds, 3), "total_seconds": round(time.time() - started, 3),
+        "mb_per_s": round(nbytes / 1e6 / max(encode_seconds, 1e-9), 2),
+        "tokens_per_s": round(tokens / max(encode_seconds, 1e-9)),
+        "peak_rss_main_bytes": peak_main, "peak_rss_worker_bytes": peak_worker,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    skipped = ", ".join(f"{k} {v}" for k, v in meta["skipped"].items()) or "none"
+    print(f"[tokenize] done: {docs:,} documents, {tokens:,} tokens (train {splits['train']['tokens']:,}, "
+          f"val {splits['val']['tokens']:,}), {describe_bytes(nbytes)} in {count} shards "
+          f"({resumed} resumed) -> {out}\n"
+          f"[tokenize] skipped: {skipped}; invalid UTF-8 replaced in {policy.replaced_docs} documents\n"
+          f"[tokenize] {summary['mb_per_s']} MB/s, {tokens / max(encode_seconds, 1e-9) / 1e6:.2f}M tokens/s "
+          f"with {workers} workers ({encoder.kind}); peak RSS main {describe_bytes(peak_main)}, "
+          f"worker {describe_bytes(peak_worker)}; {summary['total_seconds']:.1f} s in all")
+    return 0
+
+
+def prepass(cfg: TokenizeConfig, readers, need_sample: bool) -> tuple[list[str], float]:
+    """Stream once: the tokenizer's training sample (the documents with the smallest hashes, up to
+    `sample_bytes`: uniform, order-free, deterministic) and the hash cut that holds out `val_docs`."""
+    cap = cfg.tokenizer.train.sample_bytes if need_sample else 0
+    sample_heap: list[tuple[float, int, int, str]] = []  # (-hash, order, bytes, text): max-heap on hash
+    sample_bytes = 0
+    val_heap: list[float] = []  # -hash of the val_docs smallest hashes: a max-heap
+    want_val = cfg.split.val_docs or 0
+    bar = tqdm(desc="pre-pass", unit=" docs", disable=not cfg.progress, dynamic_ncols=True)
+    for i, text in enumerate(read_all(readers, Policy(cfg.utf8_errors, cfg.bad_records))):
+        data = text.encode("utf-8")
+        pos = hash_fraction(doc_hash(data))
+        if want_val:
+            if len(val_heap) < want_val:
+                heapq.heappush(val_heap, -pos)
+            elif pos < -val_heap[0]:
+                heapq.heapreplace(val_heap, -pos)
+        if cap and (sample_bytes < cap or pos < -sample_heap[0][0]):
+            heapq.heappush(sample_heap, (-pos, i, len(data), text))
+            sample_bytes += len(data)
+            while sample_bytes - sample_heap[0][2] >= cap:  # drop the largest hashes while still >= cap
+                sample_bytes -= heapq.heappop(sample_heap)[2]
+        bar.update()
+    bar.close()
+    sample = [text for _, _, _, text in sorted(sample_heap, key=lambda e: e[1])]  # back in corpus order
+    val_cut = -val_heap[0] if val_heap else 0.0
+    return sample, np.nextafter(val_cut, 1.0) if want_val else val_cut
+
+
+def chunked(texts, shard_bytes: int, val_cut: float):
+    """Group documents into chunks of about `shard_bytes` UTF-8 bytes; the same input always gives the
+    same chunks, which is what makes resume and parallel encoding deterministic."""
+    chunk = Chunk(0)
+    for text in texts:
+        data = text.encode("utf-8")
+        digest = doc_hash(data)
+        chunk.docs.append(text)
+        chunk.val.append(hash_fraction(digest) < val_cut)
+        chunk.nbytes += len(data)
+        chunk.hasher.update(digest)
+        if chunk.nbytes >= shard_bytes:
+            yield chunk
+            chunk = Chunk(chunk.index + 1)
+    if chunk.docs:
+        yield chunk
+
+
+def finished_record(out: Path, chunk: Chunk, dtype: np.dtype) -> dict | None:
+    """The completion record of a chunk a previous run finished, if it matches this data exactly."""
+    path = out / "chunks" / f"{chunk.index:06d}.json"
+    if not path.exists():
+        return None
+    record = read_json(path)
+    if record.get("digest") != chunk.digest:
+        return None
+    for split in SPLITS:
+        shard = record.get(split)
+        if shard and (not (out / shard["file"]).exists()
+                      or (out / shard["file"]).stat().st_size != shard["tokens"] * dtype.itemsize):
+            return None
+    return record
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# -- worker processes ----------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_json: str, fast: bool, eos_id: int, dtype: str, vocab_size: int, out: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested threads
+    _WORKER.update(encoder=Encoder(tokenizer_json, fast=fast), eos=eos_id, dtype=np.dtype(dtype),
+                   vocab=vocab_size, out=Path(out))
+
+
+def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str) -> dict:
+    """Encode one chunk, write its train and val shards, then its completion record (in that order)."""
+    w = _WORKER
+    encoded = w["encoder"].encode_many(docs)
+    record = {"index": index, "digest": digest}
+    for split, want in (("train", False), ("val", True)):
+        pieces = [ids for ids, is_val in zip(encoded, val) if is_val == want]
+        if not pieces:
+            record[split] = None
+            continue
+        ends = np.cumsum([p.size + 1 for p in pieces], dtype=np.uint64)
+        tokens = np.empty(int(ends[-1]), dtype=w["dtype"])
+        start = 0
+        for ids, end in zip(pieces, ends):
+            tokens[start:start + ids.size] = ids
+            tokens[int(end) - 1] = w["eos"]
+            start = int(end)
+        top = max((int(p.max()) for p in pieces if p.size), default=0)
+        if top >= w["vocab"]:
+            raise DataError(f"token id {top} >= vocab size {w['vocab']}: the tokenizer is inconsistent")
+        record[split] = write_shard(w["out"], split, index, tokens, ends)
+    atomic_write_json(w["out"] / "chunks" / f"{index:06d}.json", record)
+    return {**record, "peak_rss": peak_rss()}
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. VmHWM, not ru_maxrss: a spawned worker's
+    ru_maxrss still counts the parent's pages from before its exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
