@@ -48,6 +48,8 @@ def load_pretrained(name_or_path: str):
     """A `transformers` tokenizer from a folder or hub name (the local cache when offline)."""
     from transformers import AutoTokenizer  # heavy import, only when a pretrained tokenizer is used
 
+    if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().is_dir():
+        raise TokenizerError(f"tokenizer folder not found: {name_or_path}")
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # transformers raises OSError, ValueError, HF hub errors...

@@ -14,6 +14,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import sysconfig
 from collections import Counter
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from lmforge.config.tokenize import FilesSource, HFSource, StdlibSource
 
+SURROGATES = re.compile("[\ud800-\udfff]")
 BINARY_SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB marks a file as binary (as git does)
 
 
@@ -53,8 +55,12 @@ class Policy:
         try:
             text.encode("utf-8")
             return text
-        except UnicodeEncodeError:
-            return self.decode(text.encode("utf-8", errors="surrogatepass"), where)
+        except UnicodeEncodeError as e:
+            if self.utf8_errors == "error":
+                raise DataError(f"{where}: invalid UTF-8: lone surrogate U+{ord(text[e.start]):04X} at character "
+                                f"{e.start} (set utf8_errors: replace to substitute U+FFFD and go on)") from None
+            self.replaced_docs += 1
+            return SURROGATES.sub("\ufffd", text)
 
     def bad_record(self, where: str, problem: str, reason: str) -> None:
         if self.bad_records == "error":

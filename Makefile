@@ -1,0 +1,40 @@
+# lmforge: `make demo` and `make test` on a fresh machine. Torch is installed first, pinned (a bare
+# `torch` requirement would pull a multi-GB CUDA build); override for a GPU box, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON     ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.lmforge-installed
+PYTEST_ARGS ?=
+
+# Offline by default: nothing downloads at run time; W&B logs locally.
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/lmforge tokenize configs/tokenize/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python bench/tokenize.py
+
+lint: setup
+	$(BIN)/ruff check lmforge pretrain finetune distill bench tests
+
+clean:
+	rm -rf runs bench/work .pytest_cache

@@ -1,0 +1,67 @@
+"""Shared fixtures: offline environment, a tiny trained tokenizer, helpers to write configs and corpora."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Nothing may download at test time; W&B logs locally.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def sample_texts(n: int = 60, seed: int = 0) -> list[str]:
+    """Varied documents: code, prose, unicode, whitespace runs, and the EOS string as plain text."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["def", "return", "self", "lambda", "naïve", "café", "数据", "🙂", "don't", "we'll", "x1", "42",
+             "  ", "\t", "\n", "<|endoftext|>", "Ünïcödé", "print(", ")", "{", "}", "==", "->", "über"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 120))) + f" doc{i}" for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A 512-token byte-level BPE saved as a Hugging Face folder (trained on a slice of the stdlib)."""
+    from lmforge.data.sources import stdlib_files
+    from lmforge.tokenizer import save_folder, train_bpe
+
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()[:80]]
+    tok = train_bpe(texts + sample_texts(), 512, ["<|endoftext|>", "<|pad|>"], show_progress=False)
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    save_folder(tok, out, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    return out
+
+
+@pytest.fixture
+def tokenize_config(tmp_path, tiny_tokenizer):
+    """Write a tokenize config for `sources` (pretrained tiny tokenizer by default); returns its path."""
+
+    def make(sources: list, **extra) -> Path:
+        cfg = {"out_dir": str(tmp_path / "out"), "sources": sources,
+               "tokenizer": {"pretrained": str(tiny_tokenizer)}, "workers": 2, "progress": False,
+               "shard_bytes": 4096}
+        cfg.update(extra)
+        return write_yaml(tmp_path / "tokenize.yaml", cfg)
+
+    return make

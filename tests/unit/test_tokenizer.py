@@ -1,0 +1,101 @@
+"""The tiktoken fast path gives the same ids as `tokenizers`, and falls back when it cannot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from lmforge.tokenizer import GPT2_PATTERN, Encoder, TokenizerError, folder_hash, load_pretrained
+
+from ..conftest import sample_texts
+
+TRICKY = ["hello world", "  leading and trailing  ", "tabs\tand\nnewlines\r\n\n\n", "don't we'll THEY'RE",
+          "naïve café über 数据处理 🙂🙂 👩‍👩‍👧", "x1 = 42 ** 3.14e-5", "<|endoftext|> is just text here",
+          "", " ", "\u200b zero width", "a" * 3000, "def f(self):\n    return {'k': [1, 2]}\n"]
+
+
+def reference_ids(tokenizer_json: str, text: str) -> list[int]:
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.encode_special_tokens = True
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def test_fast_path_matches_tokenizers_on_tricky_text(tiny_tokenizer):
+    spec = (tiny_tokenizer / "tokenizer.json").read_text()
+    enc = Encoder(spec)
+    assert enc.kind == "tiktoken"
+    for text in TRICKY + sample_texts(100, seed=1):
+        assert enc.encode(text).tolist() == reference_ids(spec, text), text
+    assert enc.verify(TRICKY) is None and enc.kind == "tiktoken"
+
+
+def test_special_token_text_is_never_a_control_token(tiny_tokenizer):
+    for fast in (True, False):
+        enc = Encoder((tiny_tokenizer / "tokenizer.json").read_text(), fast=fast)
+        eos = enc.reference.token_to_id("<|endoftext|>")
+        assert eos not in enc.encode("a <|endoftext|> b").tolist()
+        assert enc.encode_many(["<|endoftext|>"])[0].size > 1
+
+
+def test_regex_split_then_bytelevel_form_also_takes_the_fast_path():
+    """Llama-3/Qwen-style pre-tokenizer: an explicit regex Split followed by ByteLevel without regex."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GPT2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(sample_texts(200), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    enc = Encoder(tok.to_str())
+    assert enc.kind == "tiktoken"
+    for text in TRICKY:
+        assert enc.encode(text).tolist() == reference_ids(tok.to_str(), text)
+
+
+def test_normalizer_means_no_fast_path_but_same_ids(tiny_tokenizer):
+    tok = Tokenizer.from_file(str(tiny_tokenizer / "tokenizer.json"))
+    tok.normalizer = normalizers.Lowercase()
+    enc = Encoder(tok.to_str())
+    assert enc.kind == "tokenizers" and enc.reason == "has a normalizer"
+    assert enc.encode("Hello World").tolist() == reference_ids(tok.to_str(), "Hello World")
+    assert [a.tolist() for a in enc.encode_many(["A b", "C"])] == [reference_ids(tok.to_str(), t) for t in ("A b", "C")]
+
+
+def test_non_bytelevel_bpe_falls_back():
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(sample_texts(50), trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]"],
+                                                                  show_progress=False))
+    enc = Encoder(tok.to_str())
+    assert enc.kind == "tokenizers" and "ByteLevel" in enc.reason
+
+
+def test_verify_falls_back_on_any_disagreement(tiny_tokenizer):
+    enc = Encoder((tiny_tokenizer / "tokenizer.json").read_text())
+    enc._lut = np.roll(enc._lut, 1)  # a fast path that is wrong
+    problem = enc.verify(["hello world"])
+    assert problem and "disagreed" in problem
+    assert enc.kind == "tokenizers"
+    assert enc.encode("hello world").tolist() == reference_ids((tiny_tokenizer / "tokenizer.json").read_text(),
+                                                               "hello world")
+
+
+def test_saved_folder_loads_with_autotokenizer(tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    assert hf.eos_token == "<|endoftext|>" and hf.pad_token == "<|pad|>"
+    assert hf.eos_token_id == 0 and len(hf) == 512
+    enc = Encoder((tiny_tokenizer / "tokenizer.json").read_text())
+    assert hf("def f(x): return x", add_special_tokens=False)["input_ids"] == enc.encode("def f(x): return x").tolist()
+    assert hf.decode(enc.encode("naïve café 🙂").tolist()) == "naïve café 🙂"
+    assert len(folder_hash(tiny_tokenizer)) == 16
+
+
+def test_load_pretrained_names_the_problem(tmp_path):
+    with pytest.raises(TokenizerError, match=r"tokenizer folder not found: .*nothing-here"):
+        load_pretrained(str(tmp_path / "nothing-here"))
+    with pytest.raises(TokenizerError, match=r"(?s)cannot load tokenizer 'lmforge-test/no-such-tok'.*local cache"):
+        load_pretrained("lmforge-test/no-such-tok")
