@@ -1,0 +1,232 @@
+"""`lmforge tokenize` end to end: round trip, determinism, crash and resume, memory bound, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from lmforge.data.shards import ShardError, TokenShards
+from pretrain import tokenize
+from pretrain.tokenize import doc_hash, hash_fraction
+
+from ..conftest import ROOT, sample_texts, write_jsonl, write_yaml
+
+OUTPUT_FILES = ("*/*.bin", "*/*.idx", "meta.json", "tokenizer/*")
+
+
+def output_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for pattern in OUTPUT_FILES for p in sorted(out.glob(pattern))}
+
+
+def split_docs(out: Path, split: str) -> list[list[int]]:
+    data = TokenShards(out, split)
+    return [data.document(i).tolist() for i in range(data.num_documents)]
+
+
+def test_round_trip_gives_back_every_document_followed_by_eos(tmp_path, tokenize_config, tiny_tokenizer):
+    texts = sample_texts(120)
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}], split={"val_fraction": 0.2})
+    assert tokenize.main([str(cfg)]) == 0
+    out = tmp_path / "out"
+    meta = json.loads((out / "meta.json").read_text())
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    eos = meta["tokenizer"]["eos_id"]
+    decoded = {}
+    for split in ("train", "val"):
+        docs = split_docs(out, split)
+        assert all(d[-1] == eos and eos not in d[:-1] for d in docs)  # EOS after every document, only there
+        decoded[split] = [tok.decode(d[:-1], skip_special_tokens=False) for d in docs]
+    want_val = [t for t in texts if hash_fraction(doc_hash(t.encode())) < 0.2]
+    assert decoded["val"] == want_val and 0 < len(want_val) < len(texts)
+    assert decoded["train"] == [t for t in texts if t not in want_val]  # source order kept within a split
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(texts)
+    assert meta["dtype"] == "uint16" and meta["tokenizer"]["vocab_size"] == 512
+    assert len(meta["splits"]["train"]["shards"]) > 3  # 4 KiB shards: the run really was parallel work
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["documents"] == len(texts) and summary["encoder"] == "tiktoken"
+
+
+def test_two_runs_are_byte_identical_and_rerun_is_a_no_op(tmp_path, tokenize_config, capsys):
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in sample_texts(80)])
+    sources = [{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}]
+    cfg = tokenize_config(sources, tokenizer={"train": {"vocab_size": 400}})
+    assert tokenize.main([str(cfg), "workers=1"]) == 0
+    assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'again'}", "workers=2"]) == 0
+    first, second = output_bytes(tmp_path / "out"), output_bytes(tmp_path / "again")
+    assert first == second and "tokenizer/tokenizer.json" in first and "meta.json" in first
+    capsys.readouterr()
+    assert tokenize.main([str(cfg)]) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert tokenize.main([str(cfg), "split.val_fraction=0.5"]) == 1
+    assert "holds finished output of a different config" in capsys.readouterr().err
+
+
+def test_trained_tokenizer_loads_with_autotokenizer(tmp_path, tokenize_config):
+    from transformers import AutoTokenizer
+
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in sample_texts(80)])
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}],
+                          tokenizer={"train": {"vocab_size": 350, "special_tokens": ["<eos>", "<pad>", "<x>"]}})
+    assert tokenize.main([str(cfg)]) == 0
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    hf = AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
+    assert hf.eos_token == "<eos>" == meta["tokenizer"]["eos_token"] and hf.eos_token_id == meta["tokenizer"]["eos_id"]
+    assert len(hf) == meta["tokenizer"]["vocab_size"] == 350
+    first = TokenShards(tmp_path / "out").document(0).tolist()
+    assert hf.decode(first[:-1]) == sample_texts(80)[0] or hf.decode(first[:-1]) in sample_texts(80)
+
+
+def test_val_docs_holds_out_exactly_that_many(tmp_path, tokenize_config):
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in sample_texts(90)])
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}], split={"val_docs": 7})
+    assert tokenize.main([str(cfg)]) == 0
+    assert TokenShards(tmp_path / "out", "val").num_documents == 7
+    assert TokenShards(tmp_path / "out", "train").num_documents == 83
+
+
+def test_vocab_over_65536_switches_to_uint32(tmp_path, tiny_tokenizer, tokenize_config):
+    from lmforge.tokenizer import save_folder
+
+    tok = Tokenizer.from_file(str(tiny_tokenizer / "tokenizer.json"))
+    tok.add_special_tokens([f"<extra_{i}>" for i in range(66_000)])
+    save_folder(tok, tmp_path / "big", eos_token="<|endoftext|>")
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in sample_texts(30)])
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}],
+                          tokenizer={"pretrained": str(tmp_path / "big")})
+    assert tokenize.main([str(cfg)]) == 0
+    data = TokenShards(tmp_path / "out")
+    assert data.dtype == np.uint32 and data.vocab_size == 66_512
+    shard = data.meta["splits"]["train"]["shards"][0]
+    assert (tmp_path / "out" / shard["file"]).stat().st_size == 4 * shard["tokens"]
+    small = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert small["encoder"] == "tiktoken"  # special tokens do not stop the fast path
+
+
+def test_crash_then_resume_is_byte_identical_to_an_uninterrupted_run(tmp_path, tiny_tokenizer):
+    cfg = write_yaml(tmp_path / "t.yaml", {
+        "out_dir": str(tmp_path / "crashed"), "sources": [{"type": "stdlib"}],
+        "tokenizer": {"pretrained": str(tiny_tokenizer)}, "shard_bytes": 131072, "workers": 2, "progress": False})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.tokenize", str(cfg)], cwd=tmp_path, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    chunks = tmp_path / "crashed" / "chunks"
+    deadline = time.time() + 120
+    while len(list(chunks.glob("0*.json"))) < 4 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: main and workers, mid-write
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    assert not (tmp_path / "crashed" / "meta.json").exists()
+    with pytest.raises(ShardError, match="has not finished"):
+        TokenShards(tmp_path / "crashed")  # a half-finished folder is never read as data
+    (tmp_path / "crashed" / "train" / ".000099.bin.x.tmp").write_bytes(b"\1\2\3")  # a half-written shard
+    done_before = len(list(chunks.glob("0*.json")))
+
+    assert tokenize.main([str(cfg)]) == 0
+    summary = json.loads((tmp_path / "crashed" / "summary.json").read_text())
+    assert summary["shards_resumed"] >= done_before >= 4
+    assert summary["shards_resumed"] < summary["shards"]
+    assert not list((tmp_path / "crashed").glob("*/.*.tmp"))
+    assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'clean'}"]) == 0
+    assert output_bytes(tmp_path / "crashed") == output_bytes(tmp_path / "clean")
+
+
+def test_peak_memory_does_not_grow_with_corpus_size(tmp_path, tokenize_config):
+    rng = np.random.default_rng(0)
+    pieces = np.array(sample_texts(200, seed=3))
+    peaks = {}
+    for scale in (1, 10):
+        folder = tmp_path / f"x{scale}"
+        for part in range(scale):  # ~4 MB per part: 1,000 documents of ~4 KB
+            docs = [" ".join(rng.choice(pieces, 12)) for _ in range(1000)]
+            write_jsonl(folder / f"{part}.jsonl", [{"text": d} for d in docs])
+        cfg = tokenize_config([{"type": "files", "paths": [str(folder)]}], out_dir=str(tmp_path / f"out{scale}"),
+                              shard_bytes=1 << 18)  # 256 KiB: both runs reach the in-flight limit
+        # a process of its own: peak RSS is a high-water mark over a process's whole life
+        run = subprocess.run([sys.executable, "-m", "pretrain.tokenize", str(cfg)], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert run.returncode == 0, run.stderr
+        peaks[scale] = json.loads((tmp_path / f"out{scale}" / "summary.json").read_text())
+    assert peaks[10]["bytes"] > 9 * peaks[1]["bytes"] > 30e6
+    for key in ("peak_rss_main_bytes", "peak_rss_worker_bytes"):
+        grew = peaks[10][key] - peaks[1][key]
+        assert grew < 8e6, f"{key} grew by {grew / 1e6:.1f} MB for {peaks[10]['bytes'] / 1e6:.0f} MB of input"
+
+
+def test_bad_input_stops_with_file_and_offset_and_leaves_nothing_readable(tmp_path, tokenize_config, capsys):
+    (tmp_path / "ok.txt").write_text("fine text " * 500)
+    (tmp_path / "zbad.txt").write_bytes(b"abc\n\xffdef")
+    sources = [{"type": "files", "paths": [str(tmp_path / "*.txt")]}]
+    cfg = tokenize_config(sources, utf8_errors="error")
+    assert tokenize.main([str(cfg)]) == 1
+    assert "zbad.txt: invalid UTF-8 at byte offset 4" in capsys.readouterr().err
+    with pytest.raises(ShardError):
+        TokenShards(tmp_path / "out")
+    assert tokenize.main([str(cfg), "utf8_errors=replace"]) == 1  # same out_dir, different config
+    assert "partial run of a different config" in capsys.readouterr().err
+    (tmp_path / "zbad.txt").write_bytes(b"abc\ndef")  # fix the data, same config: resumes and finishes
+    assert tokenize.main([str(cfg)]) == 0
+    assert TokenShards(tmp_path / "out").num_documents + TokenShards(tmp_path / "out", "val").num_documents == 2
+
+
+def test_missing_text_field_and_empty_source_are_errors_before_output(tmp_path, tokenize_config, capsys):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}, {"content": "y"}])
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "a.jsonl")]}])
+    assert tokenize.main([str(cfg)]) == 1
+    assert "a.jsonl:2: no 'text' field" in capsys.readouterr().err
+    assert tokenize.main([str(cfg), "bad_records=skip", f"out_dir={tmp_path / 'o2'}"]) == 0
+    assert json.loads((tmp_path / "o2" / "meta.json").read_text())["skipped"] == {"missing_field": 1}
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "nothing*.txt")]}],
+                          out_dir=str(tmp_path / "o3"))
+    assert tokenize.main([str(cfg)]) == 1
+    assert "matches no files" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()  # checked before anything was written
+
+
+def test_lmforge_cli_dispatches_and_helps():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "lmforge.cli", "tokenize", "--help"], capture_output=True,
+                         text=True, env=env)
+    assert run.returncode == 0 and "tokenizer.pretrained" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "lmforge.cli"], capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "tokenize" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "lmforge.cli", "tokenize", str(ROOT / "configs/tokenize/demo.yaml"),
+                          "--dry-run"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and "vocab_size: 8192" in run.stdout
+
+
+@pytest.mark.slow
+def test_demo_on_the_whole_builtin_corpus_matches_tokenizers_id_for_id(tmp_path):
+    """The shipped demo config: 8k BPE trained on the stdlib, every document's ids equal to what
+    `tokenizers` gives, and every document decodes back to its source text."""
+    from lmforge.config.tokenize import StdlibSource
+    from lmforge.data.sources import Policy, open_source, read_all
+
+    out = tmp_path / "demo"
+    assert tokenize.main([str(ROOT / "configs/tokenize/demo.yaml"), f"out_dir={out}", "progress=false"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["encoder"] == "tiktoken" and summary["documents"] > 1500
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    tok.encode_special_tokens = True
+    splits = {s: TokenShards(out, s) for s in ("train", "val")}
+    next_doc = {"train": 0, "val": 0}
+    texts = list(read_all([open_source(StdlibSource())], Policy()))
+    reference = tok.encode_batch_fast(texts, add_special_tokens=False)
+    for text, ref in zip(texts, reference):
+        split = "val" if hash_fraction(doc_hash(text.encode())) < 0.02 else "train"
+        got = splits[split].document(next_doc[split]).tolist()
+        next_doc[split] += 1
+        assert got == ref.ids + [0], f"ids differ from tokenizers for a document starting {text[:60]!r}"
+    assert next_doc == {s: d.num_documents for s, d in splits.items()}
+    sample = texts[:: max(1, len(texts) // 200)]
+    assert [tok.decode(e.ids) for e in tok.encode_batch_fast(sample, add_special_tokens=False)] == sample
