@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmforge import atomic
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -44,13 +44,33 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[st
     return tok
 
 
-def load_pretrained(name_or_path: str):
-    """A `transformers` tokenizer from a folder or hub name (the local cache when offline)."""
-    from transformers import AutoTokenizer  # heavy import, only when a pretrained tokenizer is used
+# The files of a Hugging Face tokenizer folder (a model folder may also hold weights: never copied).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
 
+
+def local_tokenizer_folder(name_or_path: str) -> Path | None:
+    """The folder, when `name_or_path` is a local folder holding a tokenizer.json."""
+    path = Path(name_or_path).expanduser()
+    return path if (path / "tokenizer.json").is_file() else None
+
+
+def load_pretrained(name_or_path: str):
+    """A `transformers` tokenizer from a folder or hub name (the local cache when offline).
+
+    A local folder with a tokenizer.json loads as `PreTrainedTokenizerFast`: the same vocabulary and
+    special tokens as `AutoTokenizer` gives, without the model-class lookup that imports torch (~1 s).
+    """
     if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().is_dir():
         raise TokenizerError(f"tokenizer folder not found: {name_or_path}")
-    try:
+    local = local_tokenizer_folder(name_or_path)
+    try:  # transformers is a heavy import: made only when a pretrained tokenizer is used
+        if local is not None:
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(local)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # transformers raises OSError, ValueError, HF hub errors...
         raise TokenizerError(
@@ -69,16 +89,18 @@ def save_folder(tok: Tokenizer, out: Path, eos_token: str, pad_token: str | None
     write_folder(hf, out)
 
 
+def copy_pretrained(name_or_path: str, hf_tokenizer, out: Path) -> None:
+    """Publish a loaded pretrained tokenizer into `out`, atomically: a local folder's own tokenizer
+    files byte for byte (its tokenizer class and settings kept as they were), else `save_pretrained`."""
+    local = local_tokenizer_folder(name_or_path)
+    if local is None:
+        write_folder(hf_tokenizer, out)
+        return
+    atomic.publish_folder(out, lambda tmp: [shutil.copyfile(local / n, tmp / n) for n in TOKENIZER_FILES if (local / n).is_file()])
+
+
 def write_folder(hf_tokenizer, out: Path) -> None:
-    out = Path(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        hf_tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic.publish_folder(out, hf_tokenizer.save_pretrained)
 
 
 def folder_hash(folder: Path) -> str:
@@ -190,9 +212,9 @@ class Encoder:
         """Check the fast path against `tokenizers` on `texts`; on any difference fall back and say why."""
         if self._tiktoken is None:
             return None
-        for i, text in enumerate(texts):
-            ref = self.reference.encode(text, add_special_tokens=False).ids
-            if not np.array_equal(self.encode(text), ref):
+        reference = self.reference.encode_batch_fast(list(texts), add_special_tokens=False)
+        for i, (text, ref) in enumerate(zip(texts, reference, strict=True)):
+            if not np.array_equal(self.encode(text), ref.ids):
                 self._tiktoken, self.kind = None, "tokenizers"
                 self.reason = f"fast path disagreed with tokenizers on sample document {i}"
                 return self.reason

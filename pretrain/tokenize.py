@@ -26,15 +26,24 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from lmforge import atomic
 from lmforge.config import save_config, to_yaml
 from lmforge.config.command import parse_command
 from lmforge.config.tokenize import TokenizeConfig
-from lmforge.data.shards import FORMAT, SPLITS, atomic_write_json, read_meta, token_dtype, write_shard
+from lmforge.data.shards import FORMAT, SPLITS, read_meta, token_dtype, write_shard
 from lmforge.data.sources import DataError, Policy, describe_bytes, open_source, read_all
-from lmforge.tokenizer import Encoder, TokenizerError, folder_hash, load_pretrained, save_folder, train_bpe, write_folder
+from lmforge.tokenizer import (
+    Encoder,
+    TokenizerError,
+    copy_pretrained,
+    folder_hash,
+    load_pretrained,
+    save_folder,
+    train_bpe,
+)
 
-VERIFY_DOCS = 256  # documents checked for fast-encoder/tokenizers id identity at start-up
-VERIFY_BYTES = 8 * 2**20
+VERIFY_DOCS = 256  # documents checked for fast-encoder/tokenizers id identity at start-up...
+VERIFY_BYTES = 2 * 2**20  # ...up to this much text (bytes): ~0.4 s, a fixed cost of every run
 
 
 def doc_hash(data: bytes) -> bytes:
@@ -91,10 +100,9 @@ def run(cfg: TokenizeConfig) -> int:
         raise DataError(f"{out} holds a partial run of a different config; choose another out_dir or delete "
                         "that folder")
     out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob("*/.*.tmp"):  # half-written files of a crashed run
-        leftover.unlink()
+    atomic.remove_leftovers(out)  # half-written files of a crashed run
     save_config(cfg, out / "config.yaml")
-    atomic_write_json(state, {"config_digest": digest})
+    atomic.write_json(state, {"config_digest": digest})
     for reader in readers:
         print(f"[tokenize] source: {reader.describe()}")
 
@@ -125,7 +133,7 @@ def run(cfg: TokenizeConfig) -> int:
             if not hf.is_fast:
                 raise TokenizerError(f"tokenizer '{cfg.tokenizer.pretrained}' has no tokenizer.json "
                                      "(a `tokenizers` backend); convert it or pick another")
-            write_folder(hf, tok_dir)
+            copy_pretrained(cfg.tokenizer.pretrained, hf, tok_dir)
     tokenizer_json = (tok_dir / "tokenizer.json").read_text(encoding="utf-8")
     encoder = Encoder(tokenizer_json, fast=cfg.tokenizer.fast)
     vocab_size = encoder.reference.get_vocab_size(with_added_tokens=True)
@@ -193,6 +201,8 @@ def run(cfg: TokenizeConfig) -> int:
                 future.cancel()
             raise
         finally:
+            if bar.total is not None:  # file sizes estimate the text: replaced bytes can make it longer
+                bar.total = max(bar.total, bar.n)
             bar.close()
     encode_seconds = time.time() - encode_start
 
@@ -220,7 +230,7 @@ def run(cfg: TokenizeConfig) -> int:
         "config_digest": digest,
         "config": cfg.model_dump(mode="json", exclude={"out_dir", "workers", "progress"}),
     }
-    atomic_write_json(out / "meta.json", meta)
+    atomic.write_json(out / "meta.json", meta)
 
     # -- summary ----------------------------------------------------------------------------------
     for warning in policy.warnings[:20]:
@@ -237,7 +247,7 @@ def run(cfg: TokenizeConfig) -> int:
         "tokens_per_s": round(tokens / max(encode_seconds, 1e-9)),
         "peak_rss_main_bytes": peak_main, "peak_rss_worker_bytes": peak_worker,
     }
-    atomic_write_json(out / "summary.json", summary)
+    atomic.write_json(out / "summary.json", summary)
     skipped = ", ".join(f"{k} {v}" for k, v in meta["skipped"].items()) or "none"
     print(f"[tokenize] done: {docs:,} documents, {tokens:,} tokens (train {splits['train']['tokens']:,}, "
           f"val {splits['val']['tokens']:,}), {describe_bytes(nbytes)} in {count} shards "
@@ -332,14 +342,14 @@ def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str) -> d
     encoded = w["encoder"].encode_many(docs)
     record = {"index": index, "digest": digest}
     for split, want in (("train", False), ("val", True)):
-        pieces = [ids for ids, is_val in zip(encoded, val) if is_val == want]
+        pieces = [ids for ids, is_val in zip(encoded, val, strict=True) if is_val == want]
         if not pieces:
             record[split] = None
             continue
         ends = np.cumsum([p.size + 1 for p in pieces], dtype=np.uint64)
         tokens = np.empty(int(ends[-1]), dtype=w["dtype"])
         start = 0
-        for ids, end in zip(pieces, ends):
+        for ids, end in zip(pieces, ends, strict=True):
             tokens[start:start + ids.size] = ids
             tokens[int(end) - 1] = w["eos"]
             start = int(end)
@@ -347,7 +357,7 @@ def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str) -> d
         if top >= w["vocab"]:
             raise DataError(f"token id {top} >= vocab size {w['vocab']}: the tokenizer is inconsistent")
         record[split] = write_shard(w["out"], split, index, tokens, ends)
-    atomic_write_json(w["out"] / "chunks" / f"{index:06d}.json", record)
+    atomic.write_json(w["out"] / "chunks" / f"{index:06d}.json", record)
     return {**record, "peak_rss": peak_rss()}
 
 

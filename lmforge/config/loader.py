@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+
+from lmforge import atomic
 
 INCLUDE_KEY = "include"
 
@@ -260,8 +261,4 @@ def to_yaml(config: BaseModel) -> str:
 
 def save_config(config: BaseModel, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(to_yaml(config))
-    os.replace(f.name, path)
+    atomic.write_text(path, to_yaml(config))

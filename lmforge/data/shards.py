@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from lmforge import atomic
 
 FORMAT = "lmforge-tokens/1"
 SPLITS = ("train", "val")
@@ -32,24 +33,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as f:
-        f.write(data)
-    os.replace(f.name, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def write_shard(out_dir: Path, split: str, index: int, tokens: np.ndarray, doc_ends: np.ndarray) -> dict:
     """Write one split's shard (tokens + document index) atomically; returns its record for meta.json."""
     stem = f"{split}/{index:06d}"
     little = np.ascontiguousarray(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False))
-    atomic_write_bytes(out_dir / f"{stem}.bin", little.data)
-    atomic_write_bytes(out_dir / f"{stem}.idx", np.ascontiguousarray(doc_ends, dtype="<u8").data)
+    atomic.write_bytes(out_dir / f"{stem}.bin", little.data)
+    atomic.write_bytes(out_dir / f"{stem}.idx", np.ascontiguousarray(doc_ends, dtype="<u8").data)
     return {"file": f"{stem}.bin", "tokens": int(tokens.size), "documents": int(doc_ends.size)}
 
 

@@ -122,7 +122,9 @@ class FilesReader(Reader):
         self._files: list[Path] | None = None
 
     def describe(self) -> str:
-        return f"files {', '.join(self.spec.paths)}"
+        paths = self.spec.paths
+        more = f" and {len(paths) - 3:,} more" if len(paths) > 4 else ""
+        return f"files {', '.join(paths[:3] if more else paths)}{more}"
 
     def files(self) -> list[Path]:
         if self._files is None:
@@ -191,7 +193,7 @@ class FilesReader(Reader):
                 yield text
             return
         block, start = [], 0
-        for number, offset, line in _lines(path):
+        for _number, offset, line in _lines(path):
             if line.strip():
                 if not block:
                     start = offset
@@ -274,14 +276,14 @@ def stdlib_files(exclude_tests: bool = False) -> list[Path]:
     """The interpreter's standard-library .py files in a stable order, installed packages left out."""
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if "site-packages" in parts or "dist-packages" in parts:
+    for folder, subdirs, names in os.walk(root):
+        # installed packages are not the standard library; pruned, not filtered (saves a walk of them)
+        subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__")]
+        parts = Path(folder).relative_to(root).parts
+        if exclude_tests and parts and (parts[0] in ("test", "idlelib") or "tests" in parts):
             continue
-        if exclude_tests and (parts[0] in ("test", "idlelib") or "tests" in parts):
-            continue
-        out.append(path)
-    return out
+        out += [Path(folder) / n for n in names if n.endswith(".py")]
+    return sorted(out)
 
 
 class StdlibReader(FilesReader):

@@ -222,7 +222,7 @@ def test_demo_on_the_whole_builtin_corpus_matches_tokenizers_id_for_id(tmp_path)
     next_doc = {"train": 0, "val": 0}
     texts = list(read_all([open_source(StdlibSource())], Policy()))
     reference = tok.encode_batch_fast(texts, add_special_tokens=False)
-    for text, ref in zip(texts, reference):
+    for text, ref in zip(texts, reference, strict=True):
         split = "val" if hash_fraction(doc_hash(text.encode())) < 0.02 else "train"
         got = splits[split].document(next_doc[split]).tolist()
         next_doc[split] += 1

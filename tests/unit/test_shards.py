@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmforge.data.shards import FORMAT, ShardError, TokenShards, atomic_write_json, token_dtype, write_shard
+from lmforge import atomic
+from lmforge.data.shards import FORMAT, ShardError, TokenShards, token_dtype, write_shard
 
 
 def test_dtype_switches_at_65536():
@@ -21,7 +22,7 @@ def make_dataset(tmp_path, shards: list[list[list[int]]], dtype=np.uint16, eos=0
         tokens = np.array([t for d in documents for t in [*d, eos]], dtype=dtype)
         ends = np.cumsum([len(d) + 1 for d in documents]).astype(np.uint64)
         records.append(write_shard(tmp_path, "train", i, tokens, ends))
-    atomic_write_json(tmp_path / "meta.json", {
+    atomic.write_json(tmp_path / "meta.json", {
         "format": FORMAT, "dtype": np.dtype(dtype).name,
         "tokenizer": {"vocab_size": 100, "eos_id": eos},
         "splits": {"train": {"shards": records}, "val": {"shards": []}}})

@@ -99,3 +99,20 @@ def test_load_pretrained_names_the_problem(tmp_path):
         load_pretrained(str(tmp_path / "nothing-here"))
     with pytest.raises(TokenizerError, match=r"(?s)cannot load tokenizer 'lmforge-test/no-such-tok'.*local cache"):
         load_pretrained("lmforge-test/no-such-tok")
+
+
+def test_a_local_pretrained_folder_is_copied_byte_for_byte_without_weights(tmp_path, tiny_tokenizer):
+    import shutil
+
+    from lmforge.tokenizer import copy_pretrained
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_tokenizer, model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"\0" * 1024)  # a model folder also holds weights
+    (model_dir / "config.json").write_text("{}")
+    hf = load_pretrained(str(model_dir))
+    assert hf.eos_token == "<|endoftext|>" and hf.pad_token == "<|pad|>"
+    copy_pretrained(str(model_dir), hf, tmp_path / "out")
+    copied = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert copied == sorted(p.name for p in tiny_tokenizer.iterdir())
+    assert all((tmp_path / "out" / n).read_bytes() == (tiny_tokenizer / n).read_bytes() for n in copied)

@@ -1,0 +1,49 @@
+"""Atomic publishing: whole or nothing, readable like ordinary files, leftovers of a crash removed."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from lmforge import atomic
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_files_and_folders_follow_the_umask_not_tempfiles_private_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic.write_json(tmp_path / "a" / "x.json", {"k": 1})
+        atomic.publish_folder(tmp_path / "folder", lambda d: (d / "f.txt").write_text("hi"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / "x.json").read_text() == '{\n  "k": 1\n}\n'
+    assert mode(tmp_path / "a" / "x.json") == 0o644
+    assert mode(tmp_path / "folder") == 0o755 and (tmp_path / "folder" / "f.txt").read_text() == "hi"
+    assert not list(tmp_path.rglob(f"*{atomic.TMP_SUFFIX}"))
+
+
+def test_a_failed_fill_leaves_the_old_folder_and_no_temporary(tmp_path):
+    atomic.publish_folder(tmp_path / "out", lambda d: (d / "v1").write_text("1"))
+
+    def broken(d):
+        (d / "v2").write_text("half")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic.publish_folder(tmp_path / "out", broken)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["v1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_remove_leftovers_deletes_only_temporaries(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / ".000001.bin.abc.tmp").write_bytes(b"half")
+    (tmp_path / ".tokenizer.xyz.tmp").mkdir()
+    (tmp_path / "train" / "000000.bin").write_bytes(b"done")
+    assert atomic.remove_leftovers(tmp_path) == 2
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["train", "train/000000.bin"]
