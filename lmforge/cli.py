@@ -11,6 +11,8 @@ import sys
 
 COMMANDS = {
     "tokenize": ("pretrain.tokenize", "train or load a tokenizer and write token shards"),
+    "export": ("lmforge.checkpoint", "build a Hugging Face folder from a training run's checkpoint"),
+    "push": ("lmforge.hub", "upload an exported Hugging Face folder to the Hub (a branch per --revision)"),
 }
 
 

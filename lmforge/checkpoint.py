@@ -1,0 +1,245 @@
+"""Checkpoints: publish a complete one atomically, find the newest complete one, keep the last K,
+and export weights as a Hugging Face folder.
+
+    RUN_DIR/checkpoints/step-00000100/          DeepSpeed's shards (every rank writes its own)
+    RUN_DIR/checkpoints/step-00000100/rng-rank0.safetensors   each rank's RNG state
+    RUN_DIR/checkpoints/step-00000100/lmforge.json            the commit record, written last
+
+DeepSpeed writes shards straight to their final names and its `latest` tag before the last barrier,
+so neither says a checkpoint is whole. Here a checkpoint exists only once rank 0 has written
+`lmforge.json` (fsynced, renamed into place) after a barrier that every rank reaches after writing:
+a folder without it is a crash's leftover and is never loaded. The record holds the training
+position (step, samples and tokens consumed), the world size, and the fingerprints a resume checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge import atomic
+
+FORMAT = "lmforge-checkpoint/1"
+RECORD = "lmforge.json"
+TAG_PREFIX = "step-"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the folder and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    record: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.record["step"])
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def complete(root: Path) -> list[Checkpoint]:
+    """The complete checkpoints under `root`, oldest first (a folder without its record is skipped)."""
+    found = []
+    for folder in sorted(Path(root).glob(f"{TAG_PREFIX}*")):
+        record_path = folder / RECORD
+        if not folder.is_dir() or not record_path.is_file():
+            continue
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{record_path}: unreadable commit record ({e}); delete {folder} to resume "
+                                  "from the one before") from None
+        if record.get("format") != FORMAT:
+            raise CheckpointError(f"{record_path}: format {record.get('format')!r}; this lmforge reads {FORMAT!r} "
+                                  "(a run written by another version: use that version, or a new run_dir)")
+        found.append(Checkpoint(folder, record))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest(root: Path) -> Checkpoint | None:
+    found = complete(root)
+    return found[-1] if found else None
+
+
+def incomplete(root: Path) -> list[Path]:
+    return [p for p in sorted(Path(root).glob(f"{TAG_PREFIX}*")) if p.is_dir() and not (p / RECORD).is_file()]
+
+
+def commit(folder: Path, record: dict) -> None:
+    """Rank 0, after every rank has written its shards: make the checkpoint visible."""
+    atomic.write_json(folder / RECORD, {"format": FORMAT, "saved_at": time.time(), **record})
+    fd = os.open(folder.parent, os.O_RDONLY)  # the rename itself must survive a power cut
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the `keep_last` newest complete checkpoints (rank 0 only); returns what went.
+    Folders without a record are left to `remove_incomplete`, which runs only when nothing writes."""
+    found = complete(root)
+    doomed = [c.path for c in found[:-keep_last]] if keep_last > 0 else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def remove_incomplete(root: Path) -> list[Path]:
+    """Delete the leftovers of interrupted saves (rank 0, at start-up, before any rank writes)."""
+    gone = incomplete(root)
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return gone
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state (per rank; safetensors, not pickles)
+
+
+def save_rng(folder: Path, rank: int) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    tmp = folder / f".rng-rank{rank}.safetensors{atomic.TMP_SUFFIX}"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / f"rng-rank{rank}.safetensors")
+
+
+def load_rng(folder: Path, rank: int) -> bool:
+    """Restore this rank's RNG state; False when the checkpoint has none for this rank (world size changed)."""
+    from safetensors.torch import load_file
+
+    path = folder / f"rng-rank{rank}.safetensors"
+    if not path.exists():
+        return False
+    tensors = load_file(str(path))
+    torch.set_rng_state(tensors["cpu"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face export
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    """The commit of the lmforge checkout (None when not a git checkout)."""
+    here = path or Path(__file__).resolve().parent
+    try:
+        run = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if run.returncode != 0:
+        return None
+    return run.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def export_hf(out: Path, hf_config, state_dict: dict, tokenizer_dir: Path, lineage: dict, card: dict | None,
+              eos_id: int | None = None, pad_id: int | None = None) -> None:
+    """Write `out` as a Hugging Face folder (safetensors, config, tokenizer, generation config,
+    lineage.json, model card), published atomically: `out` is whole or absent."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from lmforge.hub import write_model_card
+
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"refusing to export non-finite weights ({', '.join(bad[:5])}{'...' if len(bad) > 5 else ''})")
+    dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+    hf_config.dtype = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+
+    def fill(tmp: Path) -> None:
+        with torch.device("meta"):  # no second copy of the weights: the state dict is what gets written
+            model = AutoModelForCausalLM.from_config(hf_config)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, tmp / name)
+        GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id if pad_id is not None else eos_id,
+                         max_length=getattr(hf_config, "max_position_embeddings", None)
+                         or getattr(hf_config, "n_positions", None)).save_pretrained(tmp)
+        (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+        if card is not None:
+            write_model_card(tmp, card)
+
+    atomic.publish_folder(out, fill)
+
+
+# --------------------------------------------------------------------------------------------------
+# `lmforge export RUN_DIR OUT_DIR`
+
+
+def export_checkpoint(run_dir: Path, out: Path, step: int | None = None) -> Checkpoint:
+    """Build a Hugging Face folder from one of this run's checkpoints (default: the newest complete one).
+
+    Only checkpoints inside RUN_DIR/checkpoints are read: their shards are pickles, and lmforge
+    unpickles only files it wrote itself.
+    """
+    from transformers import AutoConfig
+
+    from lmforge import engine
+
+    root = Path(run_dir) / "checkpoints"
+    found = complete(root)
+    if not found:
+        hint = " (only interrupted saves there)" if incomplete(root) else ""
+        raise CheckpointError(f"{root}: no complete checkpoint{hint}; is {run_dir} a pretraining run directory?")
+    chosen = found[-1] if step is None else next((c for c in found if c.step == step), None)
+    if chosen is None:
+        raise CheckpointError(f"{root}: no complete checkpoint at step {step}; have steps {[c.step for c in found]}")
+    r = chosen.record
+    state_dict = engine.state_dict_from_checkpoint(root, chosen.tag)
+    dtype = getattr(torch, r.get("dtype", "float32"))
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    tokenizer_dir = Path(run_dir) / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{tokenizer_dir}: the run's tokenizer is missing")
+    lineage = {**r["lineage"], "exported_from": str(chosen.path.resolve())}
+    export_hf(Path(out), AutoConfig.from_pretrained(chosen.path), state_dict, tokenizer_dir, lineage, r.get("card"),
+              r.get("eos_id"), r.get("pad_id"))
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="lmforge export", description="Build a Hugging Face folder (safetensors, "
+                                     "config, tokenizer, generation config, model card, lineage.json) from a "
+                                     "training run's checkpoint.")
+    parser.add_argument("run_dir", type=Path, help="a training stage's run directory (holds checkpoints/)")
+    parser.add_argument("out_dir", type=Path, help="folder to write; replaced atomically if it exists")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: the newest)")
+    args = parser.parse_args(argv)
+    try:
+        chosen = export_checkpoint(args.run_dir, args.out_dir, args.step)
+    except CheckpointError as e:
+        print(f"lmforge export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"[export] {chosen.path} (step {chosen.step}) -> {args.out_dir}")
+    return 0

@@ -1,0 +1,171 @@
+"""Schema of `python -m pretrain`: data, model, batch, optimizer and schedule, engine, loop, tracking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lmforge.config.base import StrictModel
+from lmforge.config.model import ModelConfig
+from lmforge.config.tracking import TrackingConfig
+
+# What a DeepSpeed JSON under configs/deepspeed/ may not set: the stage config owns these and injects
+# them, so one ZeRO file serves every model, batch and precision. Key -> where to set it instead.
+INJECTED_DS_KEYS = {
+    "train_batch_size": "batch.global_batch_size",
+    "train_micro_batch_size_per_gpu": "batch.micro_batch_size",
+    "gradient_accumulation_steps": "batch.grad_accum",
+    "optimizer": "optim.*",
+    "scheduler": "optim.schedule",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "engine.precision",
+    "fp16": "engine.precision",
+    "amp": "engine.precision",
+}
+
+
+class DataConfig(StrictModel):
+    """Token shards written by `lmforge tokenize`."""
+
+    path: Path
+    """Folder written by `lmforge tokenize` (holds meta.json, tokenizer/, train/, val/)."""
+    seq_len: int = Field(1024, ge=8)
+    """Tokens per training sequence (packed windows across document boundaries)."""
+
+
+class BatchConfig(StrictModel):
+    """Batch arithmetic: global_batch_size = micro_batch_size x grad_accum x world size (sequences)."""
+
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per rank per forward/backward pass."""
+    grad_accum: int | None = Field(None, ge=1)
+    """Micro-batches accumulated per optimizer step; default: derived from global_batch_size, else 1."""
+    global_batch_size: int | None = Field(None, ge=1)
+    """Sequences per optimizer step over all ranks; fixing it keeps a run's math the same on any world size."""
+
+
+class OptimConfig(StrictModel):
+    """AdamW with linear warmup, then cosine decay or warmup-stable-decay (WSD)."""
+
+    lr: float = Field(3e-4, gt=0)
+    """Peak learning rate."""
+    min_lr: float = Field(3e-5, ge=0)
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = Field(100, ge=0)
+    """Steps of linear warmup from 0 to lr."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """After warmup: cosine decay to min_lr at train.max_steps; `wsd` holds lr, then decays linearly; `constant` holds it."""
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """For `wsd`: the share of train.max_steps spent in the final linear decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW beta1, beta2."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    weight_decay: float = Field(0.1, ge=0)
+    """Decoupled weight decay on matrices (never on norms, biases or embeddings)."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+
+    @model_validator(mode="after")
+    def _lrs(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        return self
+
+
+class EngineConfig(StrictModel):
+    """DeepSpeed and numerics."""
+
+    deepspeed: Path = Path("configs/deepspeed/zero2.json")
+    """DeepSpeed JSON holding ZeRO settings only (batch, precision, optimizer and clipping are injected)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Training precision; auto: bf16 on GPU, fp32 on CPU (bf16 matmuls are ~200x slower on most CPUs)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    compile: bool = False
+    """torch.compile the model (GPU; slow to start, faster steps)."""
+    peak_flops: float | None = Field(None, gt=0)
+    """Peak FLOP/s of one device for MFU; default: a table of GPUs, or a matmul measured at start-up on CPU."""
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _zero_only(cls, path: Path) -> Path:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"DeepSpeed config not found: {path} (paths are relative to the working directory)") \
+                from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read DeepSpeed config {path}: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a DeepSpeed config must be a JSON object")
+        clash = [f"'{k}' (set {INJECTED_DS_KEYS[k]} in the stage config)" for k in data if k in INJECTED_DS_KEYS]
+        if clash:
+            raise ValueError(f"{path} sets {', '.join(clash)}; a DeepSpeed JSON here holds ZeRO settings only")
+        stage = data.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+        return path
+
+
+class TrainConfig(StrictModel):
+    """The loop: length, seed, and how often to log, evaluate and save."""
+
+    max_steps: int = Field(1000, ge=1)
+    """Optimizer steps to train for."""
+    seed: int = 1234
+    """Seed of the initialisation and of the data order."""
+    log_every: int = Field(10, ge=1)
+    """Steps between status lines and logged metrics."""
+    eval_every: int = Field(200, ge=1)
+    """Steps between evaluations on the validation windows (and one at the start and the end)."""
+    save_every: int = Field(500, ge=1)
+    """Steps between checkpoints (and one at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+
+
+class EvalConfig(StrictModel):
+    """Validation: loss and perplexity on a fixed set of windows, and a short generated sample."""
+
+    windows: int = Field(64, ge=1)
+    """Validation windows (of data.seq_len tokens) evaluated each time, spread evenly over the val split."""
+    prompt: str = "def "
+    """Text the model continues for the logged sample ('' turns the sample off)."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Tokens generated for the sample."""
+
+
+class PretrainConfig(StrictModel):
+    """`python -m pretrain`: token shards -> a causal LM trained on DeepSpeed ZeRO -> RUN_DIR/final (HF folder)."""
+
+    run_dir: Path
+    """Output folder: config.yaml, metrics.jsonl, checkpoints/, final/, plots/."""
+    data: DataConfig
+    """Tokenized data."""
+    model: ModelConfig
+    """Architecture and size (usually `include: ../model/NAME.yaml`)."""
+    init_from: Path | None = None
+    """A Hugging Face model folder to continue pretraining from instead of a fresh initialisation."""
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """Batch sizes."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    """DeepSpeed ZeRO variant and numerics."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Loop length and intervals."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Validation."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """W&B, metrics.jsonl and plots."""
+
+    @model_validator(mode="after")
+    def _fits(self) -> PretrainConfig:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len {self.data.seq_len} is longer than model.max_seq_len "
+                             f"{self.model.max_seq_len}")
+        return self

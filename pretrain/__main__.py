@@ -1,0 +1,371 @@
+"""`python -m pretrain CONFIG.yaml [key=value ...]`: train a causal LM on token shards with DeepSpeed ZeRO.
+
+    torchrun --nproc_per_node=N -m pretrain CONFIG.yaml     # N ranks (multi-node: torchrun's c10d rendezvous)
+    deepspeed --num_gpus N --module pretrain CONFIG.yaml    # the same through DeepSpeed's launcher
+    python -m pretrain CONFIG.yaml                           # one process, the same code path
+    python -m pretrain CONFIG.yaml --dry-run                 # resolved config, DeepSpeed JSON, sizes; no work
+
+Reads top to bottom: config -> distributed -> data -> model -> engine -> resume -> loop -> export.
+Rerunning the same command resumes from the newest complete checkpoint in RUN_DIR/checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge import atomic
+from lmforge import checkpoint as ckpt
+from lmforge.config import save_config, to_yaml
+from lmforge.config.command import parse_command
+from lmforge.config.pretrain import PretrainConfig
+from lmforge.data.sampler import WindowSampler, eval_windows
+from lmforge.data.shards import ShardError, TokenShards, read_meta
+from lmforge.models import ModelError, flops_per_token, human, num_params
+from lmforge.schedule import lr_at
+from lmforge.throughput import Meter, device_peak, duration, memory_bytes
+
+STAGE = "pretrain"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, args = parse_command("python -m pretrain", PretrainConfig, argv, __doc__.split("\n")[0],
+                              extra={"--local_rank": {"type": int, "help": argparse.SUPPRESS}})  # deepspeed launcher
+    from lmforge import engine as eng  # imports DeepSpeed: after the config is known to be good
+
+    # -- what the data says, and the batch arithmetic: errors here come before any work ------------
+    try:
+        meta = read_meta(cfg.data.path)
+        tok = meta["tokenizer"]
+        vocab, eos_id = int(tok["vocab_size"]), int(tok["eos_id"])
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size != vocab:
+            raise ModelError(f"model.vocab_size is {cfg.model.vocab_size} but the data in {cfg.data.path} was "
+                             f"tokenized with a {vocab}-token vocabulary (meta.json); remove model.vocab_size "
+                             "or tokenize with a matching tokenizer")
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        micro, accum, global_batch = eng.resolve_batch(cfg.batch.micro_batch_size, cfg.batch.grad_accum,
+                                                       cfg.batch.global_batch_size, world)
+        device_guess = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = eng.resolve_precision(cfg.engine.precision, device_guess)
+        ds = eng.ds_config(eng.read_zero_json(cfg.engine.deepspeed), micro, accum, global_batch, dtype, cfg.optim,
+                           device_guess)
+    except (ShardError, ModelError, eng.EngineError) as e:
+        print(f"python -m pretrain: error: {e}", file=sys.stderr)
+        return 2
+    params = num_params(cfg.model, vocab)
+    fpt = flops_per_token(cfg.model, vocab, cfg.data.seq_len)
+    tokens_per_step = global_batch * cfg.data.seq_len
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        print("# DeepSpeed config (ZeRO file + injected batch, precision, optimizer, clipping):")
+        print(json.dumps(ds, indent=2))
+        print(f"# world size {world}: global batch {global_batch} sequences = micro {micro} x accum {accum} x "
+              f"{world} ranks; {tokens_per_step:,} tokens per step, {tokens_per_step * cfg.train.max_steps:,} in all")
+        print(f"# parameters: {params['total']:,} ({human(params['total'])}; non-embedding "
+              f"{human(params['non_embedding'])}); vocab {vocab:,} from {cfg.data.path}")
+        print(f"# FLOPs per token (training, 6N + attention): {fpt:,}; per step {fpt * tokens_per_step:.3e}; "
+              f"precision {str(dtype).removeprefix('torch.')}")
+        return 0
+
+    # -- distributed -----------------------------------------------------------------------------
+    d = eng.setup_distributed()
+    run_dir, ckpt_root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+    say = print if d.is_main else (lambda *a, **k: None)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.remove_leftovers(run_dir)
+        for gone in ckpt.remove_incomplete(ckpt_root):
+            say(f"[pretrain] removed an interrupted save: {gone}")
+        save_config(cfg, run_dir / "config.yaml")
+        if not (run_dir / "tokenizer" / "tokenizer.json").exists():  # the run folder stands on its own
+            atomic.publish_folder(run_dir / "tokenizer", lambda tmp: [
+                (tmp / n).write_bytes((Path(cfg.data.path) / "tokenizer" / n).read_bytes())
+                for n in ckpt.TOKENIZER_FILES if (Path(cfg.data.path) / "tokenizer" / n).is_file()])
+    resume = eng.broadcast_object(ckpt.latest(ckpt_root) if d.is_main else None)  # rank 0 decides for all
+    model_digest = cfg.model.digest()
+    if resume is not None:
+        problem = check_resume(resume, cfg, meta, model_digest, d.world, eng.zero_stage(ds))
+        if problem:
+            say(f"python -m pretrain: error: {problem}", file=sys.stderr)
+            eng.teardown()
+            return 2
+        if resume.step >= cfg.train.max_steps and (run_dir / "final" / "config.json").exists():
+            say(f"[pretrain] {run_dir} already finished {resume.step} steps; final model in {run_dir / 'final'}")
+            eng.teardown()
+            return 0
+
+    # -- data: a global, rank-free order of windows; a fixed validation set ------------------------
+    train = TokenShards(cfg.data.path, "train")
+    val = TokenShards(cfg.data.path, "val")
+    sampler = WindowSampler(train, cfg.data.seq_len, cfg.train.seed)
+    val_ids = eval_windows(val, cfg.data.seq_len, cfg.eval.windows)
+
+    # -- model and engine ------------------------------------------------------------------------
+    from lmforge.models import build_model
+
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
+    pad_id = pad_token_id(run_dir / "tokenizer")
+    model = build_model(cfg.model, vocab, eos_id, pad_id, cfg.init_from)
+    if cfg.engine.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine = eng.initialize(model, ds, cfg.optim.weight_decay)
+    if cfg.engine.compile:
+        engine.compile()
+    stage3 = eng.partitions_weights(engine)
+    device = d.device
+
+    # -- resume ----------------------------------------------------------------------------------
+    step = position = tokens_seen = 0
+    if resume is not None:
+        eng.load_checkpoint(engine, ckpt_root, resume.tag)
+        ckpt.load_rng(resume.path, d.rank)
+        step, position, tokens_seen = resume.step, int(resume.record["samples"]), int(resume.record["tokens"])
+        say(f"[pretrain] resumed from {resume.path} at step {step} ({tokens_seen:,} tokens seen)")
+
+    from lmforge.tracking import Tracker
+
+    tracker = Tracker(run_dir, cfg.tracking, STAGE, cfg.model_dump(mode="json"), d.rank,
+                      run_id=resume.record.get("wandb_id") if resume else None,
+                      resume_step=step + 1 if resume else None)
+    peak, peak_source = device_peak(device, dtype, cfg.engine.peak_flops)
+    peak = eng.all_reduce_sum([peak], device)[0] / d.world  # CPU: the ranks' measurements, averaged
+    say(f"[pretrain] {cfg.model.family} {human(params['total'])} parameters, {d.world} rank(s) on {device.type}, "
+        f"ZeRO-{eng.zero_stage(ds)}, {str(dtype).removeprefix('torch.')}; global batch {global_batch} x "
+        f"{cfg.data.seq_len} = {tokens_per_step:,} tokens/step; {sampler.num_windows:,} train windows; "
+        f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
+
+    def evaluate() -> dict:
+        """Mean loss over the fixed validation windows; every rank runs the same number of forwards."""
+        mine = val_ids[d.rank::d.world]
+        batches = math.ceil(math.ceil(len(val_ids) / d.world) / micro)
+        engine.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
+        with torch.no_grad():
+            for b in range(batches):
+                ids = mine[b * micro:(b + 1) * micro]
+                x = torch.stack([torch.from_numpy(val.window(i, cfg.data.seq_len).astype("int64"))
+                                 for i in (ids or val_ids[:1])]).to(device)  # a rank with none still joins ZeRO-3
+                logits = engine(input_ids=x[:, :-1]).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+                if ids:
+                    total += torch.stack([loss.double(), torch.tensor(x[:, 1:].numel(), dtype=torch.float64,
+                                                                      device=device)])
+        engine.train()
+        loss = eng.all_reduce_sum(total.tolist(), device)
+        mean = loss[0] / loss[1]
+        return {"val/loss": mean, "val/ppl": math.exp(min(mean, 50))}
+
+    def sample() -> str | None:
+        if not cfg.eval.prompt:
+            return None
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer" / "tokenizer.json"))
+        prompt = torch.tensor([tokenizer.encode(cfg.eval.prompt, add_special_tokens=False).ids], device=device)
+        engine.eval()
+        with torch.no_grad():
+            out = engine.module.generate(prompt, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
+                                         pad_token_id=eos_id, eos_token_id=eos_id, synced_gpus=stage3)
+        engine.train()
+        return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
+
+    def save(at_step: int) -> None:
+        tag = ckpt.tag_for(at_step)
+        eng.save_checkpoint(engine, ckpt_root, tag)  # every rank writes its shards
+        ckpt.save_rng(ckpt_root / tag, d.rank)
+        eng.barrier()  # ... and only once all of them are on disk does rank 0 commit
+        if d.is_main:
+            engine.module.config.save_pretrained(ckpt_root / tag)  # what `lmforge export` rebuilds from
+            ckpt.commit(ckpt_root / tag, {
+                "step": at_step, "samples": position, "tokens": tokens_seen, "world_size": d.world,
+                "zero_stage": eng.zero_stage(ds), "global_batch_size": global_batch, "seq_len": cfg.data.seq_len,
+                "model_digest": model_digest, "data_fingerprint": meta["source_fingerprint"],
+                "tokenizer_hash": tok["hash"], "vocab_size": vocab, "eos_id": eos_id, "pad_id": pad_id,
+                "dtype": str(dtype).removeprefix("torch."), "wandb_id": tracker.run_id,
+                "lineage": lineage(at_step), "card": card(at_step, last_eval)})
+            for gone in ckpt.prune(ckpt_root, cfg.train.keep_last):
+                say(f"[pretrain] removed old checkpoint {gone.name}")
+        eng.barrier()
+
+    def lineage(at_step: int) -> dict:
+        data_lineage = Path(cfg.data.path) / "lineage.json"
+        parent = Path(cfg.init_from) / "lineage.json" if cfg.init_from else None
+        return {
+            "stage": STAGE, "run_dir": str(run_dir.resolve()), "step": at_step, "tokens": tokens_seen,
+            "config_digest": cfg.digest(), "git_commit": ckpt.git_commit(),
+            "checkpoint": str((ckpt_root / ckpt.tag_for(at_step)).resolve()),
+            "parent": str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
+            "tokenizer_hash": tok["hash"],
+            "data": {"path": str(Path(cfg.data.path).resolve()), "fingerprint": meta["source_fingerprint"],
+                     "config_digest": meta.get("config_digest"), "tokens": meta["splits"]["train"]["tokens"]},
+            "upstream": [json.loads(p.read_text()) for p in (data_lineage, parent) if p and p.is_file()],
+        }
+
+    def card(at_step: int, metrics: dict) -> dict:
+        return {
+            "stage": STAGE, "task": "text-generation", "architecture": type(engine.module).__name__,
+            "family": cfg.model.family, "num_params": params["total"], "num_layers": cfg.model.num_layers,
+            "hidden_size": cfg.model.hidden_size, "num_heads": cfg.model.num_heads, "vocab_size": vocab,
+            "context_length": cfg.model.max_seq_len, "tokens_seen": tokens_seen, "steps": at_step,
+            "global_batch_tokens": tokens_per_step, "world_size": d.world, "device": device_name(device),
+            "data_fingerprint": meta["source_fingerprint"], "tokenizer_hash": tok["hash"],
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, float)},
+            "command": command_line(), "config_yaml": to_yaml(cfg), "name": run_dir.name,
+            "parent": str(cfg.init_from) if cfg.init_from else None,
+        }
+
+    # -- the loop --------------------------------------------------------------------------------
+    last_eval: dict = {}
+    first_eval = None
+    if step == 0:
+        last_eval = first_eval = evaluate()
+        tracker.log(0, {**last_eval, "train/tokens": 0})
+        say(f"[pretrain] step 0: val loss {last_eval['val/loss']:.4f}, ppl {last_eval['val/ppl']:.2f}")
+    meter = Meter(fpt, peak, d.world, tokens_per_step)
+    window_loss = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of step losses, steps) since last log
+    started, start_step = time.perf_counter(), step
+    engine.train()
+    while step < cfg.train.max_steps:
+        eng.set_lr(engine, lr := lr_at(step, cfg.train.max_steps, cfg.optim.lr, cfg.optim.min_lr,
+                                       cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.decay_fraction))
+        step_loss, norm = 0.0, None
+        for m in range(accum):
+            x = sampler.batch(sampler.rank_positions(position, micro, accum, d.rank, d.world, m)).to(device)
+            logits = engine(input_ids=x[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            engine.backward(loss)  # DeepSpeed scales by 1/accum and reduces across ranks at the boundary
+            if m == accum - 1 and eng.zero_stage(ds) == 0:
+                norm = eng.params_grad_norm(engine.module)  # stage 0 reports none; clipping happens in step()
+            engine.step()
+            step_loss += loss.item() / accum
+        norm = eng.grad_norm(engine) if norm is None else norm
+        step, position, tokens_seen = step + 1, position + global_batch, tokens_seen + tokens_per_step
+        window_loss += torch.tensor([step_loss, 1.0], dtype=torch.float64, device=device)
+        meter.step()
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            loss_sum, count = eng.all_reduce_sum(window_loss.tolist(), device)
+            window_loss.zero_()
+            rate = meter.report()
+            mem = eng.all_reduce_max(float(memory_bytes(device)), device)
+            eta = (cfg.train.max_steps - step) * rate["step_seconds"]
+            metrics = {"train/loss": loss_sum / count / d.world, "train/lr": lr, "train/grad_norm": norm,
+                       "train/tokens_per_s": rate["tokens_per_s"], "train/mfu": rate["mfu"],
+                       "train/tokens": tokens_seen, "train/memory_gb": mem / 1e9}
+            tracker.log(step, metrics)
+            say(f"[pretrain] step {step}/{cfg.train.max_steps} | loss {metrics['train/loss']:.4f} | lr {lr:.2e} | "
+                f"gnorm {norm if norm is not None else float('nan'):.3f} | {rate['tokens_per_s']:,.0f} tok/s | "
+                f"MFU {100 * rate['mfu']:.1f}% | mem {mem / 1e9:.2f} GB | ETA {duration(eta)}", flush=True)
+        if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+            last_eval = evaluate()
+            text = sample()
+            tracker.log(step, {**last_eval, "train/tokens": tokens_seen})
+            if text is not None:
+                tracker.log_text(step, "sample", text)
+            say(f"[pretrain] step {step}: val loss {last_eval['val/loss']:.4f}, ppl {last_eval['val/ppl']:.2f}"
+                + (f"\n[pretrain] sample: {text!r}" if text is not None else ""), flush=True)
+            meter.reset()  # evaluation time is not training throughput
+        if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
+            save(step)
+            meter.reset()
+
+    # -- export: RUN_DIR/final, checked against the engine's own logits ---------------------------
+    elapsed = time.perf_counter() - started
+    state_dict = eng.full_state_dict(engine)  # a collective under ZeRO-3
+    probe = torch.stack([torch.from_numpy(val.window(i, cfg.data.seq_len).astype("int64"))
+                         for i in val_ids[:2]])[:, :-1]
+    engine.eval()
+    with torch.no_grad():
+        engine_logits = engine(input_ids=probe.to(device)).logits.float().cpu()
+    if d.is_main:
+        final = run_dir / "final"
+        final_ckpt = ckpt.latest(ckpt_root)
+        ckpt.export_hf(final, engine.module.config, state_dict, run_dir / "tokenizer", final_ckpt.record["lineage"],
+                       final_ckpt.record["card"], eos_id, pad_id)
+        parity = export_parity(final, probe, engine_logits)
+        atomic.write_json(run_dir / "summary.json", {
+            "steps": step, "tokens": tokens_seen, "seconds": round(elapsed, 2),
+            "tokens_per_s": round((step - start_step) * tokens_per_step / max(elapsed, 1e-9), 1),
+            "val_loss_start": first_eval["val/loss"] if first_eval else None,
+            "val_ppl_start": first_eval["val/ppl"] if first_eval else None,
+            "val_loss": last_eval.get("val/loss"), "val_ppl": last_eval.get("val/ppl"),
+            "export_parity_max_abs_diff": parity, "world_size": d.world, "zero_stage": eng.zero_stage(ds)})
+    tracker.finish()
+    if d.is_main:
+        start = f"{first_eval['val/ppl']:.1f} -> " if first_eval else ""
+        say(f"[pretrain] done: {step} steps, {tokens_seen:,} tokens in {duration(elapsed)} "
+            f"({(step - start_step) * tokens_per_step / max(elapsed, 1e-9):,.0f} tok/s); val ppl {start}"
+            f"{last_eval.get('val/ppl', float('nan')):.1f}\n[pretrain] Hugging Face model: {run_dir / 'final'} "
+            f"(logits match the engine's to {parity:.1e}); plots: {run_dir / 'plots'}")
+    eng.teardown()
+    return 0
+
+
+def check_resume(resume: ckpt.Checkpoint, cfg: PretrainConfig, meta: dict, model_digest: str, world: int,
+                 stage: int) -> str | None:
+    """Why `resume` cannot continue this run (None when it can)."""
+    r = resume.record
+    if r.get("model_digest") != model_digest:
+        return (f"{resume.path} was saved by a different model config; use a new run_dir, or restore the "
+                "model section it was trained with (see its config.yaml)")
+    if r.get("data_fingerprint") != meta["source_fingerprint"]:
+        return (f"{resume.path} was trained on different data (fingerprint {r.get('data_fingerprint')}, "
+                f"{cfg.data.path} has {meta['source_fingerprint']}); use a new run_dir or the original data")
+    if r.get("seq_len") != cfg.data.seq_len:
+        return f"{resume.path} used data.seq_len {r.get('seq_len')}; this config says {cfg.data.seq_len}"
+    if r.get("world_size") != world and stage > 0:
+        return (f"{resume.path} was saved on {r.get('world_size')} ranks with ZeRO-{r.get('zero_stage')}; "
+                f"resuming on {world} ranks needs a universal checkpoint conversion, which this version "
+                "does not do yet: relaunch on the original number of ranks")
+    return None
+
+
+def export_parity(final: Path, input_ids: torch.Tensor, engine_logits: torch.Tensor) -> float:
+    """Load the exported folder as a user would and compare its logits with the engine's (max |diff|)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    reloaded.eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=input_ids).logits.float()
+    save_file({"input_ids": input_ids.contiguous(), "logits": engine_logits.contiguous()},
+              str(final.parent / "export_parity.safetensors"))  # for tests and for users who want to check
+    return float((logits - engine_logits).abs().max())
+
+
+def pad_token_id(folder: Path) -> int | None:
+    """The id of the tokenizer's pad token, if its tokenizer_config.json names one."""
+    from tokenizers import Tokenizer
+
+    config = folder / "tokenizer_config.json"
+    pad = json.loads(config.read_text()).get("pad_token") if config.is_file() else None
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(pad) if pad else None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def command_line() -> str:
+    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python"
+    return f"{launcher} -m pretrain " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
