@@ -180,9 +180,8 @@ def export_hf(out: Path, hf_config, state_dict: dict, tokenizer_dir: Path, linea
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, tmp / name)
-        GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id if pad_id is not None else eos_id,
-                         max_length=getattr(hf_config, "max_position_embeddings", None)
-                         or getattr(hf_config, "n_positions", None)).save_pretrained(tmp)
+        GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id,
+                         pad_token_id=pad_id if pad_id is not None else eos_id).save_pretrained(tmp)
         (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
         if card is not None:
             write_model_card(tmp, card)

@@ -41,7 +41,7 @@ import string
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lmforge import atomic
 from lmforge.config.tracking import TrackingConfig
@@ -51,15 +51,30 @@ WANDB_ID_FILE = "wandb_id.txt"
 PLOTS_DIR = "plots"
 
 _TOKENS_KEYS = ("tokens", "train/tokens")
-# (file, title, y label, [(legend label, accepted keys)]); a plot whose keys are all absent is skipped.
-_PLOTS: tuple[tuple[str, str, str, tuple[tuple[str, tuple[str, ...]], ...]], ...] = (
-    ("loss.png", "Loss", "loss (nats)", (("train", ("train/loss", "loss")), ("val", ("val/loss", "eval/loss")))),
-    ("lr.png", "Learning rate", "learning rate", (("lr", ("train/lr", "lr")),)),
-    ("throughput.png", "Throughput", "tokens/s (all ranks)", (("tokens/s", ("train/tokens_per_s", "tokens_per_s")),)),
-    ("grad_norm.png", "Gradient norm", "global L2 norm (before clipping)",
-     (("grad norm", ("train/grad_norm", "grad_norm")),)),
-    ("mfu.png", "Model FLOPs utilisation", "MFU (fraction of peak FLOP/s)", (("mfu", ("train/mfu", "mfu")),)),
-    ("accuracy.png", "Validation accuracy", "accuracy (fraction)", (("val", ("val/accuracy", "eval/accuracy")),)),
+
+
+class _Plot(NamedTuple):
+    file: str
+    title: str
+    ylabel: str
+    series: tuple[tuple[str, tuple[str, ...]], ...]  # (legend label, accepted keys: the first present wins)
+    smooth: bool = True  # per-step values are noisy: draw them faint with an EMA on top
+    from_zero: bool = False  # a y axis from 0 keeps small wobbles small
+    scale: str = "plain"  # "loss": log y over a wide range; "sci": x10^n offset; "eng": 52k
+
+
+_PLOTS = (
+    _Plot("loss.png", "Loss", "loss (nats)", (("train", ("train/loss", "loss")), ("val", ("val/loss", "eval/loss"))),
+          scale="loss"),
+    _Plot("lr.png", "Learning rate", "learning rate", (("lr", ("train/lr", "lr")),), smooth=False, scale="sci"),
+    _Plot("throughput.png", "Throughput", "tokens/s (all ranks)",
+          (("tokens/s", ("train/tokens_per_s", "tokens_per_s")),), from_zero=True, scale="eng"),
+    _Plot("grad_norm.png", "Gradient norm", "global L2 norm (before clipping)",
+          (("grad norm", ("train/grad_norm", "grad_norm")),), from_zero=True),
+    _Plot("mfu.png", "Model FLOPs utilisation", "MFU (fraction of peak FLOP/s)", (("mfu", ("train/mfu", "mfu")),),
+          from_zero=True),
+    _Plot("accuracy.png", "Validation accuracy", "accuracy (fraction)",
+          (("val", ("val/accuracy", "eval/accuracy")),), smooth=False),
 )
 
 # Words before `token` that name a vocabulary entry or a count, not a credential (`eos_token`, `max_token`).
@@ -283,18 +298,17 @@ def _ema(values: list[float], beta: float = 0.9) -> list[float]:
 def plot_metrics(records: list[dict], out_dir: str | os.PathLike, title: str = "") -> list[Path]:
     """One PNG per plot in `_PLOTS` whose keys appear in `records`; returns the files written."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's backend alone
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, FuncFormatter
 
     tokens_at: dict[int, float] = {}
     for r in records:
-        for k in _TOKENS_KEYS:
-            if _is_number(r.get(k)):
-                tokens_at[r["step"]] = float(r[k])
-                break
+        key = next((k for k in _TOKENS_KEYS if _is_number(r.get(k))), None)
+        if key is not None:
+            tokens_at[r["step"]] = float(r[key])
     written = []
-    for filename, name, ylabel, series in _PLOTS:
+    for plot in _PLOTS:
         curves = []
-        for label, keys in series:
+        for label, keys in plot.series:
             key = next((k for k in keys if any(_is_number(r.get(k)) for r in records)), None)
             if key is not None:
                 curves.append((label, [(r["step"], float(r[key])) for r in records if _is_number(r.get(key))]))
@@ -303,29 +317,39 @@ def plot_metrics(records: list[dict], out_dir: str | os.PathLike, title: str = "
         by_tokens = all(s in tokens_at for _, pts in curves for s, _ in pts)
         fig = Figure(figsize=(8, 4.5), dpi=120, layout="constrained")
         ax = fig.add_subplot()
-        for label, pts in curves:
+        for i, (label, pts) in enumerate(curves):
             xs = [tokens_at[s] if by_tokens else s for s, _ in pts]
             ys = [y for _, y in pts]
-            if label == "train" and len(ys) >= 20:  # noisy per-step loss: faint raw curve, smoothed on top
-                ax.plot(xs, ys, color="C0", alpha=0.3, linewidth=0.8)
-                ax.plot(xs, _ema(ys), color="C0", linewidth=1.6, label="train (EMA 0.9)")
+            if plot.smooth and len(ys) >= 20:
+                ax.plot(xs, ys, color=f"C{i}", alpha=0.3, linewidth=0.8)
+                ax.plot(xs, _ema(ys), color=f"C{i}", linewidth=1.6, label=f"{label} (EMA 0.9)")
             else:
-                ax.plot(xs, ys, marker="o" if len(ys) <= 50 else None, markersize=3, linewidth=1.4, label=label)
+                ax.plot(xs, ys, color=f"C{i}", marker="o" if len(ys) <= 50 else None, markersize=3,
+                        linewidth=1.4, label=label)
         ys_all = [y for _, pts in curves for _, y in pts]
-        if filename == "loss.png" and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 4:
+        if plot.scale == "loss" and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 4:
             ax.set_yscale("log")  # the first steps' loss would otherwise flatten the rest of the curve
-        ax.set_title(f"{name} — {title}" if title else name)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        elif plot.scale == "sci":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useMathText=True)
+        elif plot.scale == "eng":
+            ax.yaxis.set_major_formatter(EngFormatter())
+        if plot.from_zero:
+            ax.set_ylim(bottom=0)
+        ax.set_title(f"{plot.title} — {title}" if title else plot.title)
         ax.set_xlabel("tokens trained on" if by_tokens else "optimizer step")
         if by_tokens:
             ax.xaxis.set_major_formatter(EngFormatter())
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(plot.ylabel)
         ax.grid(True, alpha=0.3)
-        if len(curves) > 1 or filename == "loss.png":  # train vs val (or raw vs smoothed) needs a key
+        ax.grid(True, which="minor", alpha=0.1)
+        if len(curves) > 1 or plot.smooth:  # say which curve is which, or what the faint one is
             ax.legend()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
-        atomic.write_bytes(Path(out_dir) / filename, buf.getvalue())
-        written.append(Path(out_dir) / filename)
+        atomic.write_bytes(Path(out_dir) / plot.file, buf.getvalue())
+        written.append(Path(out_dir) / plot.file)
     return written
 
 

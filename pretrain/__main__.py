@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         step, position, tokens_seen = step + 1, position + global_batch, tokens_seen + tokens_per_step
         window_loss += torch.tensor([step_loss, 1.0], dtype=torch.float64, device=device)
         meter.step()
+        logged: dict = {}  # this step's metrics, sent once: training and validation together
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             loss_sum, count = eng.all_reduce_sum(window_loss.tolist(), device)
@@ -259,22 +260,24 @@ def main(argv: list[str] | None = None) -> int:
             rate = meter.report()
             mem = eng.all_reduce_max(float(memory_bytes(device)), device)
             eta = (cfg.train.max_steps - step) * rate["step_seconds"]
-            metrics = {"train/loss": loss_sum / count / d.world, "train/lr": lr, "train/grad_norm": norm,
+            metrics = {"train/loss": loss_sum / count, "train/lr": lr, "train/grad_norm": norm,
                        "train/tokens_per_s": rate["tokens_per_s"], "train/mfu": rate["mfu"],
                        "train/tokens": tokens_seen, "train/memory_gb": mem / 1e9}
-            tracker.log(step, metrics)
+            logged.update(metrics)
             say(f"[pretrain] step {step}/{cfg.train.max_steps} | loss {metrics['train/loss']:.4f} | lr {lr:.2e} | "
                 f"gnorm {norm if norm is not None else float('nan'):.3f} | {rate['tokens_per_s']:,.0f} tok/s | "
                 f"MFU {100 * rate['mfu']:.1f}% | mem {mem / 1e9:.2f} GB | ETA {duration(eta)}", flush=True)
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
             last_eval = evaluate()
             text = sample()
-            tracker.log(step, {**last_eval, "train/tokens": tokens_seen})
+            logged.update({**last_eval, "train/tokens": tokens_seen})
             if text is not None:
                 tracker.log_text(step, "sample", text)
             say(f"[pretrain] step {step}: val loss {last_eval['val/loss']:.4f}, ppl {last_eval['val/ppl']:.2f}"
                 + (f"\n[pretrain] sample: {text!r}" if text is not None else ""), flush=True)
             meter.reset()  # evaluation time is not training throughput
+        if logged:
+            tracker.log(step, logged)
         if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
             save(step)
             meter.reset()

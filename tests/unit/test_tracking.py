@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import struct
 import sys
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -15,6 +14,8 @@ import pytest
 from lmforge import tracking
 from lmforge.config.tracking import TrackingConfig
 from lmforge.tracking import Tracker, is_secret_key, read_metrics, redact, resolve_mode
+
+from ..wandb_files import history, wandb_records
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -33,37 +34,6 @@ def wandb_sandbox(tmp_path_factory):
         mp.chdir(home)
         yield home
     assert not (home / "wandb").exists(), "W&B wrote into the working directory instead of the run folder"
-
-
-def wandb_records(folder: Path) -> list:
-    """Every record of an offline W&B run folder's .wandb file (a LevelDB-style log of protobuf records)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    (path,) = folder.glob("run-*.wandb")
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    records, pos, chunk = [], 7, b""  # 7-byte file header, then 7-byte record headers in 32 KiB blocks
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer padding
-            pos += 32768 - pos % 32768
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST fragment
-            record = pb.Record()
-            record.ParseFromString(chunk)
-            records.append(record)
-            chunk = b""
-    return records
-
-
-def history(records) -> list[dict]:
-    rows = []
-    for r in records:
-        if r.WhichOneof("record_type") == "history":
-            rows.append({"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in r.history.item})
-    return rows
 
 
 def sent_config(records) -> dict:
