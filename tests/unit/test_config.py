@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from lmforge.config import ConfigError, load_config, save_config
+from lmforge.config.model import ModelConfig
+from lmforge.config.pretrain import EngineConfig, PretrainConfig
 from lmforge.config.tokenize import TokenizeConfig
 from pretrain import tokenize
 
@@ -160,16 +163,26 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
 
 
 # Every shipped config is loaded and validated. A new folder under configs/ must be mapped here.
-SCHEMAS = {"tokenize": TokenizeConfig}
+SCHEMAS = {"tokenize": TokenizeConfig, "model": ModelConfig, "pretrain": PretrainConfig}
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
+DEEPSPEED = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
-def test_shipped_config_is_valid(path):
+def test_shipped_config_is_valid(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # shipped configs name files relative to the repository root, as the README runs them
     kind = path.relative_to(ROOT / "configs").parts[0]
     assert kind in SCHEMAS, f"{path}: no schema registered for configs/{kind}/ in this test"
     load_config(path, SCHEMAS[kind])
 
 
+@pytest.mark.parametrize("path", DEEPSPEED, ids=[p.name for p in DEEPSPEED])
+def test_shipped_deepspeed_json_holds_zero_settings_only(path):
+    EngineConfig(deepspeed=path)
+    assert set(json.loads(path.read_text())) == {"zero_optimization"}
+
+
 def test_there_are_shipped_configs():
-    assert any(p.parent.name == "tokenize" for p in SHIPPED)
+    folders = {p.parent.name for p in SHIPPED}
+    assert {"tokenize", "model", "pretrain"} <= folders
+    assert {p.stem for p in DEEPSPEED} >= {"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"}

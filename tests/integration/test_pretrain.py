@@ -1,0 +1,112 @@
+"""`python -m pretrain` in one process: dry run, errors before work, gradient accumulation, resume, init_from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ..conftest import ROOT, launch, pretrain_config
+
+
+def losses(run_dir) -> list[float]:
+    return [m["train/loss"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in m]
+
+
+def test_dry_run_prints_config_deepspeed_sizes_and_does_no_work(tmp_path, tiny_data):
+    cfg = pretrain_config(tmp_path / "p.yaml", tiny_data, tmp_path / "run")
+    proc = launch("pretrain", cfg, "--dry-run", env={"WORLD_SIZE": "2"})
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "run_dir:" in out and '"train_micro_batch_size_per_gpu": 4' in out and '"gradient_accumulation_steps": 1' in out
+    assert '"stage": 2' in out and '"gradient_clipping": 1.0' in out and '"type": "AdamW"' in out
+    assert "global batch 8 sequences = micro 4 x accum 1 x 2 ranks; 512 tokens per step" in out
+    assert "parameters: 106,816" in out  # the tiny model with a 512-token vocabulary (counted in models.py)
+    assert "FLOPs per token" in out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["batch.global_batch_size=10"], "batch.global_batch_size 10 is not a multiple of batch.micro_batch_size 4"),
+    (["batch.grad_accum=3"], "batch.global_batch_size 8 != batch.micro_batch_size 4 x batch.grad_accum 3"),
+    (["model.vocab_size=1000"], "model.vocab_size is 1000 but the data in"),
+    (["data.seq_len=512"], "data.seq_len 512 is longer than model.max_seq_len 256"),
+    (["engine.deepspeed=" + str(ROOT / "configs" / "deepspeed" / "nope.json")], "DeepSpeed config not found"),
+])
+def test_impossible_settings_fail_before_any_work(tmp_path, tiny_data, overrides, message):
+    cfg = pretrain_config(tmp_path / "p.yaml", tiny_data, tmp_path / "run")
+    proc = launch("pretrain", cfg, *overrides)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_deepspeed_json_that_sets_what_the_stage_owns_is_refused(tmp_path, tiny_data):
+    bad = tmp_path / "zero.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 32, "bf16": {"enabled": True}}))
+    cfg = pretrain_config(tmp_path / "p.yaml", tiny_data, tmp_path / "run", engine={"deepspeed": str(bad)})
+    proc = launch("pretrain", cfg)
+    assert proc.returncode == 2
+    assert "'train_batch_size' (set batch.global_batch_size in the stage config)" in proc.stderr
+    assert "'bf16' (set engine.precision in the stage config)" in proc.stderr
+
+
+def test_missing_data_says_to_tokenize_first(tmp_path):
+    cfg = pretrain_config(tmp_path / "p.yaml", tmp_path / "nothing", tmp_path / "run")
+    proc = launch("pretrain", cfg)
+    assert proc.returncode == 2 and "run `lmforge tokenize` first" in proc.stderr
+
+
+def test_gradient_accumulation_matches_a_bigger_micro_batch(tmp_path, tiny_data):
+    """4 sequences in one micro-batch or 2 x 2 accumulated: the same global batch, the same losses
+    (to fp32 round-off: the mean is summed in another order)."""
+    runs = {}
+    for name, batch in (("big", {"micro_batch_size": 4, "grad_accum": 1, "global_batch_size": None}),
+                        ("accum", {"micro_batch_size": 2, "grad_accum": 2, "global_batch_size": None})):
+        cfg = pretrain_config(tmp_path / f"{name}.yaml", tiny_data, tmp_path / name, batch=batch,
+                              train={"max_steps": 5, "log_every": 1, "eval_every": 100, "save_every": 100})
+        proc = launch("pretrain", cfg)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = losses(tmp_path / name)
+    assert len(runs["big"]) == 5
+    assert runs["accum"] == pytest.approx(runs["big"], abs=2e-5)
+
+
+def test_rerun_resumes_from_the_latest_checkpoint_and_a_finished_run_is_left_alone(tmp_path, tiny_data):
+    cfg = pretrain_config(tmp_path / "p.yaml", tiny_data, tmp_path / "run",
+                          train={"max_steps": 4, "log_every": 1, "eval_every": 2, "save_every": 2})
+    first = launch("pretrain", cfg)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = launch("pretrain", cfg)
+    assert again.returncode == 0 and "already finished 4 steps" in again.stdout
+    longer = launch("pretrain", cfg, "train.max_steps=6")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "resumed from" in longer.stdout and "at step 4" in longer.stdout
+    steps = [m["step"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert steps == sorted(steps) and steps[-1] == 6 and steps.count(5) == 1
+    assert json.loads((tmp_path / "run" / "final" / "lineage.json").read_text())["step"] == 6
+
+
+def test_a_different_model_cannot_resume_a_run(tmp_path, tiny_data):
+    cfg = pretrain_config(tmp_path / "p.yaml", tiny_data, tmp_path / "run",
+                          train={"max_steps": 2, "log_every": 1, "eval_every": 2, "save_every": 2})
+    assert launch("pretrain", cfg).returncode == 0
+    proc = launch("pretrain", cfg, "model.num_layers=3", "train.max_steps=4")
+    assert proc.returncode == 2 and "was saved by a different model config" in proc.stderr
+
+
+def test_init_from_continues_from_an_exported_model(tmp_path, tiny_data):
+    base = pretrain_config(tmp_path / "base.yaml", tiny_data, tmp_path / "base",
+                           train={"max_steps": 6, "log_every": 1, "eval_every": 6, "save_every": 6})
+    assert launch("pretrain", base).returncode == 0
+    start = json.loads((tmp_path / "base" / "summary.json").read_text())["val_loss"]
+    cont = pretrain_config(tmp_path / "cont.yaml", tiny_data, tmp_path / "cont", init_from=str(tmp_path / "base" / "final"),
+                           train={"max_steps": 2, "log_every": 1, "eval_every": 2, "save_every": 2})
+    proc = launch("pretrain", cont)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "cont" / "summary.json").read_text())
+    assert summary["val_loss_start"] == pytest.approx(start, abs=1e-4)  # it started from the exported weights
+    lineage = json.loads((tmp_path / "cont" / "final" / "lineage.json").read_text())
+    assert lineage["parent"] == str((tmp_path / "base" / "final").resolve())
+    assert lineage["upstream"][0]["stage"] == "pretrain"  # the parent's own lineage, carried along

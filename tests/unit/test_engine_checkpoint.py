@@ -1,0 +1,89 @@
+"""DeepSpeed config injection, batch arithmetic, and the checkpoint commit / retention rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge import checkpoint as ckpt
+from lmforge.config.pretrain import OptimConfig
+from lmforge.engine import EngineError, ds_config, resolve_batch
+
+
+def test_batch_arithmetic():
+    assert resolve_batch(4, None, None, 2) == (4, 1, 8)
+    assert resolve_batch(4, 3, None, 2) == (4, 3, 24)
+    assert resolve_batch(4, None, 32, 2) == (4, 4, 32)
+    assert resolve_batch(4, 4, 32, 2) == (4, 4, 32)
+    with pytest.raises(EngineError, match="not a multiple of batch.micro_batch_size 4 x 2 ranks = 8"):
+        resolve_batch(4, None, 12, 2)
+    with pytest.raises(EngineError, match="set one of grad_accum or global_batch_size"):
+        resolve_batch(4, 2, 32, 2)
+
+
+def test_deepspeed_config_injects_what_the_stage_owns():
+    zero = {"zero_optimization": {"stage": 3}}
+    cfg = ds_config(zero, 4, 2, 16, torch.bfloat16, OptimConfig(lr=1e-3, grad_clip=0.5), torch.device("cuda"))
+    assert cfg["train_batch_size"] == 16 and cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 0.5
+    assert cfg["bf16"] == {"enabled": True} and cfg["optimizer"]["params"]["lr"] == 1e-3
+    assert "torch_adam" not in cfg["optimizer"]["params"]  # GPU: DeepSpeed's fused Adam
+    assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero == {"zero_optimization": {"stage": 3}}  # the file's dict is not modified
+    cpu = ds_config({"zero_optimization": {"stage": 2}}, 1, 1, 2, torch.float32, OptimConfig(), torch.device("cpu"))
+    assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["bf16"] == {"enabled": False}
+
+
+def fake_checkpoint(root, step, committed=True):
+    folder = root / ckpt.tag_for(step)
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if committed:
+        ckpt.commit(folder, {"step": step})
+    return folder
+
+
+def test_only_committed_checkpoints_count_and_retention_keeps_the_newest(tmp_path):
+    for step in (10, 20, 30):
+        fake_checkpoint(tmp_path, step)
+    fake_checkpoint(tmp_path, 40, committed=False)  # a save that was interrupted
+    assert [c.step for c in ckpt.complete(tmp_path)] == [10, 20, 30]
+    assert ckpt.latest(tmp_path).step == 30
+    assert [p.name for p in ckpt.prune(tmp_path, keep_last=2)] == ["step-00000010"]
+    assert [c.step for c in ckpt.complete(tmp_path)] == [20, 30]
+    assert (tmp_path / "step-00000040").exists()  # prune never touches what may still be written
+    assert [p.name for p in ckpt.remove_incomplete(tmp_path)] == ["step-00000040"]
+    assert ckpt.prune(tmp_path, keep_last=5) == [] and len(ckpt.complete(tmp_path)) == 2
+
+
+def test_a_foreign_or_corrupt_record_is_an_error_naming_the_folder(tmp_path):
+    folder = fake_checkpoint(tmp_path, 5)
+    (folder / ckpt.RECORD).write_text(json.dumps({"format": "other/9", "step": 5}))
+    with pytest.raises(ckpt.CheckpointError, match=r"step-00000005/lmforge.json: format 'other/9'"):
+        ckpt.latest(tmp_path)
+    (folder / ckpt.RECORD).write_text("{half")
+    with pytest.raises(ckpt.CheckpointError, match="unreadable commit record"):
+        ckpt.latest(tmp_path)
+
+
+def test_rng_state_round_trips_through_safetensors(tmp_path):
+    torch.manual_seed(3)
+    ckpt.save_rng(tmp_path, rank=1)
+    expected = torch.rand(4)
+    torch.manual_seed(99)
+    assert ckpt.load_rng(tmp_path, rank=1) and torch.equal(torch.rand(4), expected)
+    assert not ckpt.load_rng(tmp_path, rank=5)  # another world size: no state for this rank
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    from lmforge.config.model import ModelConfig
+    from lmforge.models import build_model
+
+    model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2), vocab_size=300)
+    state = model.state_dict()
+    state["model.norm.weight"] = state["model.norm.weight"].clone().fill_(float("nan"))
+    with pytest.raises(ckpt.CheckpointError, match="non-finite weights"):
+        ckpt.export_hf(tmp_path / "out", model.config, state, tmp_path, {}, None)
+    assert not (tmp_path / "out").exists()

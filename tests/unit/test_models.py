@@ -1,0 +1,64 @@
+"""Model building, parameter counts and FLOPs per token: computed in one place, checked against torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from lmforge.config.model import ModelConfig
+from lmforge.models import build_model, flops_per_token, num_params
+
+from ..conftest import ROOT
+
+VARIANTS = [
+    dict(family="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, tie_embeddings=True),
+    dict(family="llama", hidden_size=64, num_layers=3, num_heads=4, tie_embeddings=False, intermediate_size=96),
+    dict(family="gpt2", hidden_size=64, num_layers=2, num_heads=4, max_seq_len=128, tie_embeddings=True),
+    dict(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, max_seq_len=64, tie_embeddings=False),
+]
+
+
+@pytest.mark.parametrize("spec", VARIANTS, ids=lambda s: f"{s['family']}-tied{s['tie_embeddings']}")
+def test_parameter_count_matches_the_built_model(spec):
+    cfg = ModelConfig(**spec)
+    model = build_model(cfg, vocab_size=300)
+    counted = num_params(cfg, 300)
+    assert counted["total"] == sum(p.numel() for p in model.parameters())  # tied weights counted once
+    embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    assert counted["embedding"] == embeddings
+    tied_out = 300 * cfg.hidden_size if cfg.tie_embeddings else 0  # the output projection is a matmul even when tied
+    assert counted["matmul"] == counted["total"] - embeddings + tied_out
+
+
+def test_built_model_is_the_transformers_class_with_sdpa_and_gqa():
+    llama = build_model(ModelConfig(**VARIANTS[0]), vocab_size=300)
+    assert type(llama).__name__ == "LlamaForCausalLM" and llama.config._attn_implementation == "sdpa"
+    assert llama.config.num_key_value_heads == 2 and llama.lm_head.weight is llama.get_input_embeddings().weight
+    gpt2 = build_model(ModelConfig(**VARIANTS[2]), vocab_size=300)
+    assert type(gpt2).__name__ == "GPT2LMHeadModel" and gpt2.config.n_positions == 128
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    cfg = ModelConfig(family="llama", hidden_size=128, num_layers=4, num_heads=4)
+    n = num_params(cfg, 1000)["matmul"]
+    assert flops_per_token(cfg, 1000, 256) == 6 * n + 12 * 4 * 128 * 256
+    # GPT-2 small, the usual reference: ~124 M parameters, ~0.85 GFLOPs per token at 1024 context
+    gpt2 = ModelConfig(**yaml.safe_load((ROOT / "configs/model/124m.yaml").read_text()))
+    assert num_params(gpt2, 50257)["total"] == 124_439_808
+    assert flops_per_token(gpt2, 50257, 1024) == pytest.approx(0.85e9, rel=0.03)
+
+
+@pytest.mark.parametrize("name, low, high", [("tiny", 0.05e6, 1e6), ("demo", 2e6, 8e6), ("124m", 120e6, 130e6),
+                                             ("350m", 340e6, 370e6), ("1b", 1.0e9, 1.2e9), ("7b", 6.5e9, 7e9)])
+def test_shipped_sizes_are_the_sizes_they_claim(name, low, high):
+    cfg = ModelConfig(**yaml.safe_load((ROOT / "configs/model" / f"{name}.yaml").read_text()))
+    vocab = {"tiny": 512, "demo": 8192, "124m": 50257, "350m": 50257}.get(name, 32000)
+    assert low <= num_params(cfg, vocab)["total"] <= high
+
+
+def test_impossible_shapes_are_config_errors():
+    with pytest.raises(ValueError, match="does not divide into num_heads"):
+        ModelConfig(hidden_size=100, num_layers=1, num_heads=3)
+    with pytest.raises(ValueError, match="for family: llama only"):
+        ModelConfig(family="gpt2", hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
