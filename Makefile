@@ -24,14 +24,18 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The chain on the built-in corpus, on CPU: tokenize, then pretrain the ~5 M-parameter demo model on
+# 2 ranks with ZeRO-2 (a few minutes). Rerunning skips what is finished.
 demo: setup
 	$(BIN)/lmforge tokenize configs/tokenize/demo.yaml
+	$(BIN)/torchrun --nproc_per_node=2 -m pretrain configs/pretrain/demo.yaml
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python bench/tokenize.py
+	$(BIN)/python bench/train.py
 
 lint: setup
 	$(BIN)/ruff check lmforge pretrain finetune distill bench tests

@@ -91,11 +91,18 @@ def commit(folder: Path, record: dict) -> None:
         os.close(fd)
 
 
-def prune(root: Path, keep_last: int) -> list[Path]:
-    """Delete all but the `keep_last` newest complete checkpoints (rank 0 only); returns what went.
-    Folders without a record are left to `remove_incomplete`, which runs only when nothing writes."""
+def prune(root: Path, keep_last: int, keep_every: int | None = None, pinned: tuple[int, ...] = ()) -> list[Path]:
+    """Delete complete checkpoints beyond the `keep_last` newest, except those at multiples of
+    `keep_every` and the `pinned` steps (rank 0 only); returns what went. The newest complete one is
+    never deleted. Folders without a record are left to `remove_incomplete`, which runs only when
+    nothing is being written."""
     found = complete(root)
-    doomed = [c.path for c in found[:-keep_last]] if keep_last > 0 else []
+    keep_last = max(1, keep_last)
+
+    def kept(c: Checkpoint) -> bool:
+        return c.step in pinned or (keep_every is not None and c.step % keep_every == 0)
+
+    doomed = [c.path for c in found[:-keep_last] if not kept(c)]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the training status
+# DeepSpeed 0.19 still calls collectives that torch 2.13 deprecates: a warning for DeepSpeed, not for users
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 class EngineError(Exception):

@@ -8,10 +8,8 @@ at start-up, or from `engine.peak_flops`.
 
 from __future__ import annotations
 
-import os
+import resource
 import time
-
-import torch
 
 # Dense peak FLOP/s by (device-name substring, dtype). First match wins, so specific names come first.
 GPU_PEAK = [
@@ -35,6 +33,8 @@ GPU_PEAK = [
 
 def measure_cpu_peak(seconds: float = 0.5, size: int = 512) -> float:
     """FLOP/s of fp32 matmuls on this process's threads: the CPU's practical peak for MFU."""
+    import torch
+
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm-up: thread pool and caches
     count, start = 0, time.perf_counter()
@@ -44,8 +44,10 @@ def measure_cpu_peak(seconds: float = 0.5, size: int = 512) -> float:
     return 2 * size**3 * count / elapsed
 
 
-def device_peak(device: torch.device, dtype: torch.dtype, configured: float | None = None) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
+def device_peak(device, dtype, configured: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from) for a torch device and dtype."""
+    import torch
+
     if configured:
         return configured, "engine.peak_flops"
     if device.type == "cuda":
@@ -58,10 +60,9 @@ def device_peak(device: torch.device, dtype: torch.dtype, configured: float | No
     return measure_cpu_peak(), f"fp32 matmul measured on {torch.get_num_threads()} thread(s)"
 
 
-def memory_bytes(device: torch.device) -> int:
-    """Peak memory of this rank: allocated GPU memory, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. VmHWM, not ru_maxrss: a spawned child's
+    ru_maxrss still counts its parent's pages from before the exec."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -69,9 +70,16 @@ def memory_bytes(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def memory_bytes(device) -> int:
+    """Peak memory of this rank: allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device)
+    return peak_rss()
 
 
 def duration(seconds: float) -> str:
@@ -102,7 +110,3 @@ class Meter:
         out = {"tokens_per_s": tokens_per_s, "mfu": mfu, "step_seconds": elapsed / max(self.steps, 1)}
         self.reset()
         return out
-
-
-def threads() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))

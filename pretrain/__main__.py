@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from lmforge.schedule import lr_at
 from lmforge.throughput import Meter, device_peak, duration, memory_bytes
 
 STAGE = "pretrain"
+OUT_OF_TIME = 1000  # the stop flag's value for train.max_time (signal numbers are below 65)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     d = eng.setup_distributed()
     run_dir, ckpt_root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
     say = print if d.is_main else (lambda *a, **k: None)
+    # Slurm sends SIGTERM (or --signal=USR1@T) before a time limit or on preemption. The handler only
+    # records it; the ranks agree at the next step boundary, save, and exit 0 together.
+    stop_signal: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, lambda num, frame: stop_signal.append(num))
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic.remove_leftovers(run_dir)
@@ -174,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         prompt = torch.tensor([tokenizer.encode(cfg.eval.prompt, add_special_tokens=False).ids], device=device)
         engine.eval()
         with torch.no_grad():
+            # greedy (no RNG drawn: a resumed run stays exact), with a repetition penalty so a young
+            # model's sample reads as text rather than one token over and over
             out = engine.module.generate(prompt, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
-                                         pad_token_id=eos_id, eos_token_id=eos_id, synced_gpus=stage3)
+                                         repetition_penalty=1.3, pad_token_id=eos_id, eos_token_id=eos_id,
+                                         synced_gpus=stage3)
         engine.train()
         return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
 
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokenizer_hash": tok["hash"], "vocab_size": vocab, "eos_id": eos_id, "pad_id": pad_id,
                 "dtype": str(dtype).removeprefix("torch."), "wandb_id": tracker.run_id,
                 "lineage": lineage(at_step), "card": card(at_step, last_eval)})
-            for gone in ckpt.prune(ckpt_root, cfg.train.keep_last):
+            for gone in ckpt.prune(ckpt_root, cfg.train.keep_last, cfg.train.keep_every, (cfg.train.max_steps,)):
                 say(f"[pretrain] removed old checkpoint {gone.name}")
         eng.barrier()
 
@@ -278,9 +288,19 @@ def main(argv: list[str] | None = None) -> int:
             meter.reset()  # evaluation time is not training throughput
         if logged:
             tracker.log(step, logged)
-        if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
+        # every rank's signal flag and the time budget, agreed in one collective per step
+        out_of_time = cfg.train.max_time is not None and time.perf_counter() - started > cfg.train.max_time
+        flag = max(stop_signal, default=0) or (OUT_OF_TIME if out_of_time else 0)
+        stop = int(eng.all_reduce_max(float(flag), device)) if step < cfg.train.max_steps else 0
+        if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or stop:
             save(step)
             meter.reset()
+        if stop:
+            why = "train.max_time reached" if stop == OUT_OF_TIME else f"{signal.Signals(stop).name} received"
+            say(f"[pretrain] {why}: checkpoint saved at step {step}; rerun the same command to resume", flush=True)
+            tracker.finish()
+            eng.teardown()
+            return 0
 
     # -- export: RUN_DIR/final, checked against the engine's own logits ---------------------------
     elapsed = time.perf_counter() - started
@@ -366,7 +386,13 @@ def device_name(device: torch.device) -> str:
 
 
 def command_line() -> str:
-    launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "python"
+    """How this run was launched, for the model card (the launcher's own flags are not visible here)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        nodes = int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        launcher = (f"torchrun --nnodes={nodes} " if nodes > 1 else "torchrun ") \
+            + f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}"
+    else:
+        launcher = "python"
     return f"{launcher} -m pretrain " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 

@@ -16,7 +16,6 @@ import heapq
 import json
 import multiprocessing
 import os
-import resource
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -32,6 +31,7 @@ from lmforge.config.command import parse_command
 from lmforge.config.tokenize import TokenizeConfig
 from lmforge.data.shards import FORMAT, SPLITS, read_meta, token_dtype, write_shard
 from lmforge.data.sources import DataError, Policy, describe_bytes, open_source, read_all
+from lmforge.throughput import peak_rss
 from lmforge.tokenizer import (
     Encoder,
     TokenizerError,
@@ -359,19 +359,6 @@ def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str) -> d
         record[split] = write_shard(w["out"], split, index, tokens, ends)
     atomic.write_json(w["out"] / "chunks" / f"{index:06d}.json", record)
     return {**record, "peak_rss": peak_rss()}
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes. VmHWM, not ru_maxrss: a spawned worker's
-    ru_maxrss still counts the parent's pages from before its exec."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 if __name__ == "__main__":

@@ -126,6 +126,10 @@ class TrainConfig(StrictModel):
     """Steps between checkpoints (and one at the end)."""
     keep_last: int = Field(2, ge=1)
     """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+    keep_every: int | None = Field(None, ge=1)
+    """Also keep, forever, the checkpoints at multiples of this many steps (the final one is always kept)."""
+    max_time: float | None = Field(None, gt=0)
+    """Wall-clock budget in seconds: at the first step past it, save a checkpoint and exit 0 (rerun to go on)."""
 
 
 class EvalConfig(StrictModel):
