@@ -304,7 +304,8 @@ def child_memory(spec: dict) -> None:
         ds = eng.ds_config(zero, micro, 1, micro * d.world, torch.float32, OptimConfig(lr=1e-4, min_lr=0.0),
                            d.device)
         engine = eng.initialize(model, ds, 0.1)
-        record["after_initialize"] = status_bytes()
+        record["after_initialize"] = status_bytes()  # its peak: the start-up transient (the full model first)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: from here on, the training peak
         for step in range(spec["steps"]):
             x = sampler.batch(sampler.rank_positions(step * micro * d.world, micro, 1, d.rank, d.world, 0))
             logits = engine(input_ids=x[:, :-1]).logits
@@ -465,9 +466,10 @@ def memory_json(stage: int, work: Path) -> Path:
     """The shipped zero{stage}.json with every communication bucket shrunk to MEMORY_BUCKET elements."""
     zero = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
     z = zero["zero_optimization"]
-    for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
-        if key in z:
-            z[key] = MEMORY_BUCKET
+    # stage 0 too: DeepSpeed's own default bucket is 5e8 elements (it would flatten every gradient at once)
+    z.update(reduce_bucket_size=MEMORY_BUCKET, allgather_bucket_size=MEMORY_BUCKET)
+    if stage == 3:
+        z["stage3_prefetch_bucket_size"] = MEMORY_BUCKET
     path = work / "memory" / f"zero{stage}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(zero, indent=2))
@@ -496,19 +498,22 @@ def run_memory(data: Path, work: Path, smoke: bool, timeout: float) -> dict:
         r = run_child("memory", f"memory_zero{stage}", {**spec, "baseline": False, "ds_json": str(memory_json(stage, work))},
                       work, timeout)
         assert all(x["params"] == n for x in r["ranks"]), "parameter count differs from lmforge.models.num_params"
-        peaks = [x["end"]["peak_rss_bytes"] for x in r["ranks"]]
+        peaks = [x["end"]["peak_rss_bytes"] for x in r["ranks"]]  # training: VmHWM was reset after initialize
+        startup = [x["after_initialize"]["peak_rss_bytes"] for x in r["ranks"]]
         states = [p - b for p, b in zip(peaks, baseline, strict=True)]
-        in_process = [x["end"]["peak_rss_bytes"] - x["before_build"]["peak_rss_bytes"] for x in r["ranks"]]
         stages[str(stage)] = {
             **t, "peak_rss_bytes": peaks, "model_states_bytes": states, "model_states_max_bytes": max(states),
             "vs_theory": round(max(states) / t["theory_bytes"], 3),
             "vs_deepspeed_layout": round(max(states) / t["deepspeed_layout_bytes"], 3),
-            "growth_over_own_pre_build_peak_bytes": in_process,
+            "startup_peak_rss_bytes": startup, "startup_over_baseline_max_bytes":
+                max(p - b for p, b in zip(startup, baseline, strict=True)),
+            "pre_build_peak_rss_bytes": [x["before_build"]["peak_rss_bytes"] for x in r["ranks"]],
             "after_initialize_rss_bytes": [x["after_initialize"]["rss_bytes"] for x in r["ranks"]],
             "final_loss": r["ranks"][0]["loss"], "wall_seconds": r["wall_seconds"]}
         s = stages[str(stage)]
-        print(f"[bench] memory ZeRO-{stage}: peak RSS {max(peaks) / 1e6:.0f} MB, model states {max(states) / 1e6:.0f} "
-              f"MB (theory {t['theory_bytes'] / 1e6:.0f} MB, {s['vs_theory']:.2f}x)", flush=True)
+        print(f"[bench] memory ZeRO-{stage}: training peak RSS {max(peaks) / 1e6:.0f} MB, model states "
+              f"{max(states) / 1e6:.0f} MB (theory {t['theory_bytes'] / 1e6:.0f} MB, {s['vs_theory']:.2f}x); start-up peak "
+              f"{max(startup) / 1e6:.0f} MB", flush=True)
     return {"model": model, "params": n, "vocab_size": vocab, "world_size": WORLD, "micro_batch_size": 1,
             "seq_len": spec["seq_len"], "steps": spec["steps"], "bucket_elements": MEMORY_BUCKET,
             "baseline_peak_rss_bytes": baseline, "baseline_wall_seconds": base["wall_seconds"], "stages": stages}

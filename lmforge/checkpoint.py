@@ -117,6 +117,24 @@ def remove_incomplete(root: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Fault injection (tests): LMFORGE_FAULT="POINT:STEP:RANK" SIGKILLs that rank when it reaches POINT
+# while saving (or after) step STEP. The points, in the order a save passes them:
+FAULT_POINTS = ("save-begin", "save-mid-shards", "save-shards", "save-rng", "save-commit", "save-committed",
+                "save-pruned")
+
+
+def fault_requested(point: str, step: int, rank: int) -> bool:
+    spec = os.environ.get("LMFORGE_FAULT")
+    return bool(spec) and spec == f"{point}:{step}:{rank}"
+
+
+def fault(point: str, step: int, rank: int) -> None:
+    """A test hook: die here, as a node failure would (no handler, no cleanup), when asked to."""
+    if fault_requested(point, step, rank):
+        os.kill(os.getpid(), 9)
+
+
+# --------------------------------------------------------------------------------------------------
 # RNG state (per rank; safetensors, not pickles)
 
 

@@ -204,8 +204,17 @@ def partitions_weights(engine) -> bool:
 # Checkpoints and weights
 
 
-def save_checkpoint(engine, folder: Path, tag: str) -> None:
-    """Every rank writes its shards of model and optimizer state into `folder/tag/` (a collective)."""
+def save_checkpoint(engine, folder: Path, tag: str, die_mid_write: bool = False) -> None:
+    """Every rank writes its shards of model and optimizer state into `folder/tag/` (a collective).
+    `die_mid_write` (fault-injection tests) SIGKILLs this rank right after its first file is written."""
+    if die_mid_write:
+        write = engine.checkpoint_engine.save
+
+        def write_then_die(*args, **kwargs):
+            write(*args, **kwargs)
+            os.kill(os.getpid(), 9)
+
+        engine.checkpoint_engine.save = write_then_die
     engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
 
 

@@ -320,9 +320,10 @@ def plot_metrics(records: list[dict], out_dir: str | os.PathLike, title: str = "
         for i, (label, pts) in enumerate(curves):
             xs = [tokens_at[s] if by_tokens else s for s, _ in pts]
             ys = [y for _, y in pts]
-            if plot.smooth and len(ys) >= 20:
+            if plot.smooth and len(ys) >= 100:  # fewer points: an EMA lags more than it smooths
+                beta = min(0.98, 1 - 10 / len(ys))  # ~1/10 of the curve's width of memory
                 ax.plot(xs, ys, color=f"C{i}", alpha=0.3, linewidth=0.8)
-                ax.plot(xs, _ema(ys), color=f"C{i}", linewidth=1.6, label=f"{label} (EMA 0.9)")
+                ax.plot(xs, _ema(ys, beta), color=f"C{i}", linewidth=1.6, label=f"{label} (EMA {beta:.2f})")
             else:
                 ax.plot(xs, ys, color=f"C{i}", marker="o" if len(ys) <= 50 else None, markersize=3,
                         linewidth=1.4, label=label)

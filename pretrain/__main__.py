@@ -191,9 +191,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(at_step: int) -> None:
         tag = ckpt.tag_for(at_step)
-        eng.save_checkpoint(engine, ckpt_root, tag)  # every rank writes its shards
+        ckpt.fault("save-begin", at_step, d.rank)
+        eng.save_checkpoint(engine, ckpt_root, tag,  # every rank writes its shards
+                            die_mid_write=ckpt.fault_requested("save-mid-shards", at_step, d.rank))
+        ckpt.fault("save-shards", at_step, d.rank)
         ckpt.save_rng(ckpt_root / tag, d.rank)
+        ckpt.fault("save-rng", at_step, d.rank)
         eng.barrier()  # ... and only once all of them are on disk does rank 0 commit
+        ckpt.fault("save-commit", at_step, d.rank)
         if d.is_main:
             engine.module.config.save_pretrained(ckpt_root / tag)  # what `lmforge export` rebuilds from
             ckpt.commit(ckpt_root / tag, {
@@ -203,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                 "tokenizer_hash": tok["hash"], "vocab_size": vocab, "eos_id": eos_id, "pad_id": pad_id,
                 "dtype": str(dtype).removeprefix("torch."), "wandb_id": tracker.run_id,
                 "lineage": lineage(at_step), "card": card(at_step, last_eval)})
+            ckpt.fault("save-committed", at_step, d.rank)
             for gone in ckpt.prune(ckpt_root, cfg.train.keep_last, cfg.train.keep_every, (cfg.train.max_steps,)):
                 say(f"[pretrain] removed old checkpoint {gone.name}")
+            ckpt.fault("save-pruned", at_step, d.rank)
         eng.barrier()
 
     def lineage(at_step: int) -> dict:
@@ -244,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     meter = Meter(fpt, peak, d.world, tokens_per_step)
     window_loss = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of step losses, steps) since last log
     started, start_step = time.perf_counter(), step
+    # tests: LMFORGE_TRACE_DIR records the first tokens of every row each rank trains on
+    trace_dir = os.environ.get("LMFORGE_TRACE_DIR")
+    trace = open(Path(trace_dir) / f"trace-rank{d.rank}.jsonl", "a") if trace_dir else None  # noqa: SIM115
     engine.train()
     while step < cfg.train.max_steps:
         eng.set_lr(engine, lr := lr_at(step, cfg.train.max_steps, cfg.optim.lr, cfg.optim.min_lr,
@@ -251,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         step_loss, norm = 0.0, None
         for m in range(accum):
             x = sampler.batch(sampler.rank_positions(position, micro, accum, d.rank, d.world, m)).to(device)
+            if trace:
+                trace.write(json.dumps({"step": step + 1, "micro": m, "rows": x[:, :2].tolist()}) + "\n")
+                trace.flush()
             logits = engine(input_ids=x[:, :-1]).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
             engine.backward(loss)  # DeepSpeed scales by 1/accum and reduces across ranks at the boundary

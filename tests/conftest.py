@@ -83,11 +83,11 @@ def tiny_data(tmp_path_factory, tiny_tokenizer) -> Path:
     return root / "data"
 
 
-def pretrain_config(path: Path, data: Path, run_dir: Path, **sections) -> Path:
-    """A tiny pretraining config: the `tiny` model, seq 64, a few steps; `sections` override keys."""
+def pretrain_config(path: Path, data: Path, run_dir: Path, seq_len: int = 64, **sections) -> Path:
+    """A tiny pretraining config: the `tiny` model, a few steps; `sections` override keys."""
     cfg = {
         "run_dir": str(run_dir),
-        "data": {"path": str(data), "seq_len": 64},
+        "data": {"path": str(data), "seq_len": seq_len},
         "model": {"include": str(ROOT / "configs" / "model" / "tiny.yaml")},
         "batch": {"micro_batch_size": 4, "global_batch_size": 8},
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
