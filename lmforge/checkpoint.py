@@ -118,14 +118,18 @@ def remove_incomplete(root: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------------------------------
 # Fault injection (tests): LMFORGE_FAULT="POINT:STEP:RANK" SIGKILLs that rank when it reaches POINT
-# while saving (or after) step STEP. The points, in the order a save passes them:
+# while saving step STEP (and "nan-loss" turns that rank's loss into NaN in the training loop).
+# The save points, in the order a save passes them:
 FAULT_POINTS = ("save-begin", "save-mid-shards", "save-shards", "save-rng", "save-commit", "save-committed",
                 "save-pruned")
 
 
 def fault_requested(point: str, step: int, rank: int) -> bool:
-    spec = os.environ.get("LMFORGE_FAULT")
-    return bool(spec) and spec == f"{point}:{step}:{rank}"
+    """Whether LMFORGE_FAULT names this point, step and rank ("STEP+" means that step and every later one)."""
+    spec = os.environ.get("LMFORGE_FAULT", "").split(":")
+    if len(spec) != 3 or spec[0] != point or spec[2] != str(rank):
+        return False
+    return step >= int(spec[1][:-1]) if spec[1].endswith("+") else step == int(spec[1])
 
 
 def fault(point: str, step: int, rank: int) -> None:

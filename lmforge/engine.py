@@ -8,6 +8,7 @@ and consolidates checkpoints. Stages call these functions and never `deepspeed.*
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -193,6 +194,31 @@ def params_grad_norm(model: torch.nn.Module) -> float:
     """The global gradient norm from the gradients themselves (stage 0, where every rank holds all of them)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+@contextlib.contextmanager
+def update_skipped(engine, skip: bool):
+    """Stage 0: run `engine.step()` with the optimizer's own step made a no-op, so DeepSpeed's counters
+    advance while weights and Adam moments stay as they were. ZeRO 1-3 skip a step whose global
+    gradient norm is not finite by themselves."""
+    if not skip:
+        yield
+        return
+    optimizer = engine.optimizer
+    original = optimizer.step
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        optimizer.step = original
+
+
+def weights_finite(engine) -> bool:
+    """Whether every weight on every rank is finite (ZeRO-3: each rank checks its own partition)."""
+    local = all(torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in engine.module.parameters())
+    flag = torch.tensor([0.0 if local else 1.0], dtype=torch.float64, device=engine.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
 
 
 def partitions_weights(engine) -> bool:

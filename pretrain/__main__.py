@@ -133,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- resume ----------------------------------------------------------------------------------
     step = position = tokens_seen = 0
+    load_seconds = None
     if resume is not None:
+        began = time.perf_counter()
         eng.load_checkpoint(engine, ckpt_root, resume.tag)
+        load_seconds = time.perf_counter() - began
         ckpt.load_rng(resume.path, d.rank)
         step, position, tokens_seen = resume.step, int(resume.record["samples"]), int(resume.record["tokens"])
         say(f"[pretrain] resumed from {resume.path} at step {step} ({tokens_seen:,} tokens seen)")
@@ -189,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         engine.train()
         return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
 
+    save_seconds: list[float] = []  # wall time of each save (all ranks, commit included)
+
     def save(at_step: int) -> None:
+        began = time.perf_counter()
         tag = ckpt.tag_for(at_step)
+        if not eng.weights_finite(engine):  # never write what could not be resumed from
+            raise ckpt.CheckpointError(f"non-finite weights at step {at_step}: not saving over {ckpt_root}")
         ckpt.fault("save-begin", at_step, d.rank)
         eng.save_checkpoint(engine, ckpt_root, tag,  # every rank writes its shards
                             die_mid_write=ckpt.fault_requested("save-mid-shards", at_step, d.rank))
@@ -206,13 +214,14 @@ def main(argv: list[str] | None = None) -> int:
                 "zero_stage": eng.zero_stage(ds), "global_batch_size": global_batch, "seq_len": cfg.data.seq_len,
                 "model_digest": model_digest, "data_fingerprint": meta["source_fingerprint"],
                 "tokenizer_hash": tok["hash"], "vocab_size": vocab, "eos_id": eos_id, "pad_id": pad_id,
-                "dtype": str(dtype).removeprefix("torch."), "wandb_id": tracker.run_id,
+                "dtype": str(dtype).removeprefix("torch."), "wandb_id": tracker.run_id, "skipped_steps": skipped,
                 "lineage": lineage(at_step), "card": card(at_step, last_eval)})
             ckpt.fault("save-committed", at_step, d.rank)
             for gone in ckpt.prune(ckpt_root, cfg.train.keep_last, cfg.train.keep_every, (cfg.train.max_steps,)):
                 say(f"[pretrain] removed old checkpoint {gone.name}")
             ckpt.fault("save-pruned", at_step, d.rank)
         eng.barrier()
+        save_seconds.append(time.perf_counter() - began)
 
     def lineage(at_step: int) -> dict:
         data_lineage = Path(cfg.data.path) / "lineage.json"
@@ -250,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"[pretrain] step 0: val loss {last_eval['val/loss']:.4f}, ppl {last_eval['val/ppl']:.2f}")
     meter = Meter(fpt, peak, d.world, tokens_per_step)
     window_loss = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of step losses, steps) since last log
+    skipped = int(resume.record.get("skipped_steps", 0)) if resume else 0
+    bad_streak, train_seconds = 0, 0.0
     started, start_step = time.perf_counter(), step
     # tests: LMFORGE_TRACE_DIR records the first tokens of every row each rank trains on
     trace_dir = os.environ.get("LMFORGE_TRACE_DIR")
@@ -258,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     while step < cfg.train.max_steps:
         eng.set_lr(engine, lr := lr_at(step, cfg.train.max_steps, cfg.optim.lr, cfg.optim.min_lr,
                                        cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.decay_fraction))
-        step_loss, norm = 0.0, None
+        step_loss, norm, step_began = 0.0, None, time.perf_counter()
         for m in range(accum):
             x = sampler.batch(sampler.rank_positions(position, micro, accum, d.rank, d.world, m)).to(device)
             if trace:
@@ -266,20 +277,42 @@ def main(argv: list[str] | None = None) -> int:
                 trace.flush()
             logits = engine(input_ids=x[:, :-1]).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            if ckpt.fault_requested("nan-loss", step + 1, d.rank):  # tests: a rank's loss goes bad
+                loss = loss * float("nan")
             engine.backward(loss)  # DeepSpeed scales by 1/accum and reduces across ranks at the boundary
             if m == accum - 1 and eng.zero_stage(ds) == 0:
                 norm = eng.params_grad_norm(engine.module)  # stage 0 reports none; clipping happens in step()
-            engine.step()
+            with eng.update_skipped(engine, skip=norm is not None and not math.isfinite(norm)):
+                engine.step()
             step_loss += loss.item() / accum
         norm = eng.grad_norm(engine) if norm is None else norm
+        train_seconds += time.perf_counter() - step_began  # steps only: no eval, no saves
         step, position, tokens_seen = step + 1, position + global_batch, tokens_seen + tokens_per_step
-        window_loss += torch.tensor([step_loss, 1.0], dtype=torch.float64, device=device)
         meter.step()
         logged: dict = {}  # this step's metrics, sent once: training and validation together
+        # A non-finite loss on any rank makes the all-reduced gradient norm non-finite on every rank,
+        # and that step's update is skipped everywhere: the same decision without another collective.
+        if norm is not None and not math.isfinite(norm):
+            skipped, bad_streak = skipped + 1, bad_streak + 1
+            logged["train/skipped_steps"] = skipped
+            say(f"[pretrain] step {step}: non-finite gradient norm ({norm}); update skipped on all ranks "
+                f"({bad_streak} in a row, {skipped} in all)", flush=True)
+            if bad_streak >= cfg.train.max_bad_steps:
+                say(f"python -m pretrain: error: {bad_streak} consecutive steps with a non-finite loss or gradient "
+                    f"(train.max_bad_steps); stopping without saving. The last checkpoint holds finite weights: "
+                    "lower optim.lr, raise warmup, or check the data, then rerun to resume", file=sys.stderr)
+                tracker.log(step, logged)
+                tracker.finish(exit_code=1)
+                eng.teardown()
+                return 1
+        else:
+            bad_streak = 0
+            window_loss += torch.tensor([step_loss, 1.0], dtype=torch.float64, device=device)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             loss_sum, count = eng.all_reduce_sum(window_loss.tolist(), device)
             window_loss.zero_()
+            count = max(count, 1)  # a window of only skipped steps
             rate = meter.report()
             mem = eng.all_reduce_max(float(memory_bytes(device)), device)
             eta = (cfg.train.max_steps - step) * rate["step_seconds"]
@@ -335,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             "val_loss_start": first_eval["val/loss"] if first_eval else None,
             "val_ppl_start": first_eval["val/ppl"] if first_eval else None,
             "val_loss": last_eval.get("val/loss"), "val_ppl": last_eval.get("val/ppl"),
-            "export_parity_max_abs_diff": parity, "world_size": d.world, "zero_stage": eng.zero_stage(ds)})
+            "export_parity_max_abs_diff": parity, "world_size": d.world, "zero_stage": eng.zero_stage(ds),
+            "skipped_steps": skipped, "checkpoint_save_seconds": save_seconds, "checkpoint_load_seconds": load_seconds,
+            "train_seconds": train_seconds})
     tracker.finish()
     if d.is_main:
         start = f"{first_eval['val/ppl']:.1f} -> " if first_eval else ""

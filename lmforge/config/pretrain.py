@@ -128,6 +128,8 @@ class TrainConfig(StrictModel):
     """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
     keep_every: int | None = Field(None, ge=1)
     """Also keep, forever, the checkpoints at multiples of this many steps (the final one is always kept)."""
+    max_bad_steps: int = Field(5, ge=1)
+    """Abort after this many consecutive steps with a non-finite gradient norm (each one is skipped on all ranks)."""
     max_time: float | None = Field(None, gt=0)
     """Wall-clock budget in seconds: at the first step past it, save a checkpoint and exit 0 (rerun to go on)."""
 

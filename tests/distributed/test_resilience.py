@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,13 +155,17 @@ def test_a_signal_to_one_worker_saves_on_all_ranks_and_exits_0(tmp_path, positio
     cfg = config(tmp_path, position_data)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "WANDB_MODE": "offline"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=0", "-m", "pretrain", str(cfg)], cwd=ROOT, env=env,
+                             f"--master_port={port}", "-m", "pretrain", str(cfg)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while (not metrics.exists() or metrics.read_text().count("train/loss") < 2) and time.time() < deadline:
+    deadline = time.time() + 180
+    while not metrics.exists() or metrics.read_text().count("train/loss") < 2:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "the run never reached step 2"
         time.sleep(0.05)
     os.kill(worker_pids(proc)[1], signum)  # to a worker, as Slurm's signal forwarding does; not to torchrun
     out, err = proc.communicate(timeout=300)
@@ -186,3 +191,32 @@ def test_max_time_stops_cleanly_and_many_restarts_consume_each_window_once(tmp_p
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert launches >= 3
     assert_same_as_reference(tmp_path / "run", reference, tmp_path / "trace")
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_nan_on_one_rank_skips_that_update_on_every_rank(tmp_path, position_data, stage):
+    from lmforge.engine import state_dict_from_checkpoint
+
+    cfg = config(tmp_path, position_data, max_steps=5, save_every=1, keep_last=10)
+    proc = launch("pretrain", cfg, f"engine.deepspeed={ROOT / 'configs' / 'deepspeed' / f'zero{stage}.json'}",
+                  nproc=2, env={"LMFORGE_FAULT": "nan-loss:3:1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "step 3: non-finite gradient norm" in proc.stdout and "update skipped on all ranks" in proc.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_steps"] for r in records if "train/skipped_steps" in r] == [1]
+    root = tmp_path / "run" / "checkpoints"
+    before, after, later = (state_dict_from_checkpoint(root, f"step-0000000{s}") for s in (2, 3, 4))
+    assert all((before[k] == after[k]).all() for k in before)  # step 3 changed nothing...
+    assert any((after[k] != later[k]).any() for k in after)  # ...and training went on after it
+    assert all(v.isfinite().all() for v in weights(tmp_path / "run").values())
+
+
+def test_consecutive_non_finite_steps_abort_with_a_clear_message(tmp_path, position_data):
+    cfg = config(tmp_path, position_data, max_steps=8, save_every=2, max_bad_steps=3)
+    proc = launch("pretrain", cfg, nproc=2, env={"LMFORGE_FAULT": "nan-loss:3+:0"})
+    assert proc.returncode != 0
+    assert "3 consecutive steps with a non-finite loss or gradient (train.max_bad_steps)" in proc.stderr
+    from lmforge.checkpoint import latest
+
+    assert latest(tmp_path / "run" / "checkpoints").step == 4  # saved before the streak reached 3
+    assert not (tmp_path / "run" / "final").exists()
