@@ -729,6 +729,7 @@ def write_table(report: dict, path: Path) -> None:
     ]
     if mem:
         n, w = mem["params"], mem["world_size"]
+        z3_floor = mem["stages"]["3"]["deepspeed_expected_bytes"] / mem["stages"]["3"]["theory_bytes"]
         lines += [
             "",
             f"Memory: resident memory per rank for a {n / 1e6:.1f}M-parameter Llama ({mem['model']['hidden_size']} "
@@ -747,7 +748,8 @@ def write_table(report: dict, path: Path) -> None:
             "200 MB in the shipped files), and for ZeRO-3 `stage3_max_live_parameters` / `stage3_max_reuse_distance` "
             "the same (DeepSpeed's default, 1e9, keeps the whole model gathered between forward and backward); "
             "glibc returns freed blocks over 64 KB at once (`MALLOC_MMAP_THRESHOLD_=65536`), so RSS follows the live "
-            "tensors.",
+            "tensors. What remains above *DeepSpeed expected* is activations and runtime buffers, such as DeepSpeed's "
+            "shared-memory all-reduce workspace on CPU (2 x 32 MB + 2 x 1 MB per rank).",
             "",
             "| ZeRO stage | theory MB | DeepSpeed expected MB | training peak RSS MB (rank 0 / 1) | model states MB | "
             "vs theory | vs DeepSpeed expected | start-up peak - baseline MB |",
@@ -760,7 +762,11 @@ def write_table(report: dict, path: Path) -> None:
                          f"{s['vs_deepspeed_expected']:.2f}x | {s['startup_over_baseline_max_bytes'] / 1e6:.0f} |")
         lines += ["", "| target | measured | target | |", "|---|---:|---:|---|",
                   f"| ZeRO-3 model states / theory | {t['zero3_vs_theory']['measured']:.2f}x | "
-                  f"<= {TARGETS['zero3_vs_theory']}x | {met('zero3_vs_theory')} |"]
+                  f"<= {TARGETS['zero3_vs_theory']}x | {met('zero3_vs_theory')} |",
+                  "", f"DeepSpeed's fp32 layout with torch's AdamW alone comes to {z3_floor:.2f}x the ZeRO-3 theory "
+                  "(20N/W held + 8N/W of optimizer temporaries against 16N/W), so the 1.2x target cannot be met with "
+                  "this optimizer in fp32 whatever the runtime overhead; ZeRO-3 against what DeepSpeed is expected to "
+                  f"hold: {mem['stages']['3']['vs_deepspeed_expected']:.2f}x."]
     lines.append(END)
     section = "\n".join(lines)
     text = path.read_text() if path.exists() else "# Benchmarks\n"

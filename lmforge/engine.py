@@ -251,6 +251,51 @@ def load_checkpoint(engine, folder: Path, tag: str) -> None:
         raise EngineError(f"{folder / tag}: DeepSpeed could not load this checkpoint")
 
 
+UNIVERSAL = "universal"  # the converted copy sits inside the checkpoint folder it came from
+
+
+def convert_to_universal(folder: Path) -> str:
+    """Convert the ZeRO checkpoint in `folder` (RUN/checkpoints/step-N) to DeepSpeed's universal format,
+    in one process, atomically, into `folder/universal/`; returns the tag to load (`step-N/universal`).
+    A converted copy that already exists is reused."""
+    import argparse
+    import shutil
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = folder / UNIVERSAL
+    if not (out / "zero" / "optimizer_state.pt").exists():
+        tmp = folder / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds_to_universal(argparse.Namespace(
+            input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True,
+            inject_missing_state=True))  # the universal_checkpoint_info Megatron would add; we have none
+        (folder / "latest_universal").unlink(missing_ok=True)  # the converter's pointer: we name tags
+        os.replace(tmp, out)
+    return f"{folder.name}/{UNIVERSAL}"
+
+
+def enable_universal_load(config: dict) -> None:
+    """Set before `initialize` when (and only when) the world size changed since the checkpoint."""
+    config["checkpoint"] = {"load_universal": True}
+
+
+def fix_zero3_universal_load(engine, folder: Path) -> None:
+    """DeepSpeed 0.19's ZeRO-3 universal loader gives every param group group 0's settings (weight decay
+    on norms) and one shared `step` tensor that Adam then advances once per group: put both right."""
+    if zero_stage(engine.config) != 3:
+        return
+    saved = torch.load(folder / UNIVERSAL / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    optimizer = engine.optimizer.optimizer
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    for group, saved_group in zip(optimizer.param_groups, saved_groups, strict=True):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def full_state_dict(engine) -> dict | None:
     """The whole model's weights on rank 0 (None elsewhere). A collective under ZeRO-3: call on every rank."""
     if zero_stage(engine.config) == 3:

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     resume = eng.broadcast_object(ckpt.latest(ckpt_root) if d.is_main else None)  # rank 0 decides for all
     model_digest = cfg.model.digest()
     if resume is not None:
-        problem = check_resume(resume, cfg, meta, model_digest, d.world, eng.zero_stage(ds))
+        problem = check_resume(resume, cfg, meta, model_digest, d.world, eng.zero_stage(ds), global_batch)
         if problem:
             say(f"python -m pretrain: error: {problem}", file=sys.stderr)
             eng.teardown()
@@ -110,6 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             say(f"[pretrain] {run_dir} already finished {resume.step} steps; final model in {run_dir / 'final'}")
             eng.teardown()
             return 0
+
+    # A ZeRO-1/2/3 checkpoint from another world size: rank 0 converts it to DeepSpeed's universal
+    # format (once, atomically) and every rank loads that; the data position is global and follows.
+    resume_tag = resume.tag if resume else None
+    if resume is not None and resume.record["world_size"] != d.world and eng.zero_stage(ds) > 0:
+        if d.is_main:
+            say(f"[pretrain] {resume.path} was saved on {resume.record['world_size']} ranks; converting it to a "
+                f"universal checkpoint for {d.world}")
+            resume_tag = eng.convert_to_universal(resume.path)
+        resume_tag = eng.broadcast_object(resume_tag)
+        eng.enable_universal_load(ds)
 
     # -- data: a global, rank-free order of windows; a fixed validation set ------------------------
     train = TokenShards(cfg.data.path, "train")
@@ -136,11 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     load_seconds = None
     if resume is not None:
         began = time.perf_counter()
-        eng.load_checkpoint(engine, ckpt_root, resume.tag)
+        eng.load_checkpoint(engine, ckpt_root, resume_tag)
+        if resume_tag != resume.tag:
+            eng.fix_zero3_universal_load(engine, resume.path)
         load_seconds = time.perf_counter() - began
         ckpt.load_rng(resume.path, d.rank)
         step, position, tokens_seen = resume.step, int(resume.record["samples"]), int(resume.record["tokens"])
-        say(f"[pretrain] resumed from {resume.path} at step {step} ({tokens_seen:,} tokens seen)")
+        say(f"[pretrain] resumed from {resume.path} at step {step} ({tokens_seen:,} tokens seen"
+            + (f"; saved on {resume.record['world_size']} ranks, now {d.world})" if resume_tag != resume.tag else ")"))
 
     from lmforge.tracking import Tracker
 
@@ -383,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_resume(resume: ckpt.Checkpoint, cfg: PretrainConfig, meta: dict, model_digest: str, world: int,
-                 stage: int) -> str | None:
+                 stage: int, global_batch: int) -> str | None:
     """Why `resume` cannot continue this run (None when it can)."""
     r = resume.record
     if r.get("model_digest") != model_digest:
@@ -394,10 +408,17 @@ def check_resume(resume: ckpt.Checkpoint, cfg: PretrainConfig, meta: dict, model
                 f"{cfg.data.path} has {meta['source_fingerprint']}); use a new run_dir or the original data")
     if r.get("seq_len") != cfg.data.seq_len:
         return f"{resume.path} used data.seq_len {r.get('seq_len')}; this config says {cfg.data.seq_len}"
-    if r.get("world_size") != world and stage > 0:
-        return (f"{resume.path} was saved on {r.get('world_size')} ranks with ZeRO-{r.get('zero_stage')}; "
-                f"resuming on {world} ranks needs a universal checkpoint conversion, which this version "
-                "does not do yet: relaunch on the original number of ranks")
+    if r.get("global_batch_size") != global_batch:
+        return (f"{resume.path} trained with a global batch of {r.get('global_batch_size')} sequences; this launch "
+                f"gives {global_batch}: set batch.global_batch_size={r.get('global_batch_size')} so the run's "
+                "math stays the same on any number of ranks")
+    if r.get("zero_stage") != stage:
+        return (f"{resume.path} was saved with ZeRO-{r.get('zero_stage')}; this config uses ZeRO-{stage} "
+                f"({cfg.engine.deepspeed}): resume with the original DeepSpeed config")
+    if r.get("world_size") != world and stage > 0 and not cfg.engine.universal_checkpoint:
+        return (f"{resume.path} was saved on {r.get('world_size')} ranks with ZeRO-{stage} and this run has "
+                f"{world}: relaunch on {r.get('world_size')} ranks, or set engine.universal_checkpoint=true to "
+                "convert it to DeepSpeed's universal checkpoint and resume on any number of ranks")
     return None
 
 

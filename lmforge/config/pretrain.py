@@ -87,6 +87,8 @@ class EngineConfig(StrictModel):
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     compile: bool = False
     """torch.compile the model (GPU; slow to start, faster steps)."""
+    universal_checkpoint: bool = True
+    """Resume a ZeRO-1/2/3 checkpoint on another number of ranks by converting it to DeepSpeed's universal format."""
     peak_flops: float | None = Field(None, gt=0)
     """Peak FLOP/s of one device for MFU; default: a table of GPUs, or a matmul measured at start-up on CPU."""
 
