@@ -36,6 +36,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/tokenize.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/reliability.py
 
 lint: setup
 	$(BIN)/ruff check lmforge pretrain finetune distill bench tests

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 # Nothing may download at test time; W&B logs locally.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -17,11 +16,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def write_yaml(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+from .harness import launch, pretrain_config, write_yaml  # noqa: E402,F401  (tests import them from here too)
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -81,44 +76,3 @@ def tiny_data(tmp_path_factory, tiny_tokenizer) -> Path:
         "progress": False, "shard_bytes": 1 << 20})
     assert tokenize.main([str(cfg)]) == 0
     return root / "data"
-
-
-def pretrain_config(path: Path, data: Path, run_dir: Path, seq_len: int = 64, **sections) -> Path:
-    """A tiny pretraining config: the `tiny` model, a few steps; `sections` override keys."""
-    cfg = {
-        "run_dir": str(run_dir),
-        "data": {"path": str(data), "seq_len": seq_len},
-        "model": {"include": str(ROOT / "configs" / "model" / "tiny.yaml")},
-        "batch": {"micro_batch_size": 4, "global_batch_size": 8},
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
-        "engine": {"deepspeed": str(ROOT / "configs" / "deepspeed" / "zero2.json")},
-        "train": {"max_steps": 8, "log_every": 1, "eval_every": 4, "save_every": 4},
-        "eval": {"windows": 8, "prompt": "def ", "max_new_tokens": 8},
-        "tracking": {"wandb": False},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = value
-    return write_yaml(path, cfg)
-
-
-def launch(module: str, config: Path, *overrides: str, nproc: int = 1, timeout: float = 600,
-           env: dict | None = None, cwd: Path | None = None):
-    """Run a stage as a user would: `torchrun --nproc_per_node=N -m MODULE` (or plain python for one)."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-               "-m", module, str(config), *overrides]
-    else:
-        cmd = [sys.executable, "-m", module, str(config), *overrides]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-                "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,37 +17,20 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 from safetensors.torch import load_file
 
-from lmforge import atomic
 from lmforge.checkpoint import FAULT_POINTS
-from lmforge.data.shards import FORMAT, write_shard
 
-from ..conftest import ROOT, launch, pretrain_config
+from ..harness import ROOT, SEQ, WINDOWS, launch, position_corpus, pretrain_config, traced, trained_windows
 
-SEQ, WINDOWS, STEPS, GLOBAL = 16, 48, 8, 8  # 48 windows = 6 steps: the run goes 2 steps into epoch 2
+STEPS, GLOBAL = 8, 8  # 48 windows = 6 steps: the run goes 2 steps into epoch 2
 
 
 @pytest.fixture(scope="module")
 def position_data(tmp_path_factory, tiny_tokenizer):
-    """Token shards whose window k starts with (k // 256, k % 256); the rest is seeded noise."""
-    root = tmp_path_factory.mktemp("positions") / "data"
-    rng = np.random.default_rng(0)
-    train = rng.integers(2, 512, size=WINDOWS * SEQ + 1).astype(np.uint16)
-    for k in range(WINDOWS):
-        train[k * SEQ], train[k * SEQ + 1] = k // 256, k % 256
-    val = rng.integers(2, 512, size=20 * SEQ + 1).astype(np.uint16)
-    shards = {split: [write_shard(root, split, 0, tokens, np.array([tokens.size], dtype=np.uint64))]
-              for split, tokens in (("train", train), ("val", val))}
-    shutil.copytree(tiny_tokenizer, root / "tokenizer")
-    atomic.write_json(root / "meta.json", {
-        "format": FORMAT, "dtype": "uint16", "source_fingerprint": "positions-v1",
-        "tokenizer": {"vocab_size": 512, "eos_id": 0, "hash": "tiny", "eos_token": "<|endoftext|>"},
-        "splits": {s: {"shards": v, "tokens": int(v[0]["tokens"]), "documents": 1} for s, v in shards.items()}})
-    return root
+    return position_corpus(tmp_path_factory.mktemp("positions") / "data", tiny_tokenizer)
 
 
 def config(tmp_path, data, name="run", **train):
@@ -57,28 +39,6 @@ def config(tmp_path, data, name="run", **train):
                            train={"max_steps": STEPS, "log_every": 1, "eval_every": 100, "save_every": 2,
                                   "keep_last": 2, **train},
                            eval={"windows": 4, "prompt": "", "max_new_tokens": 4})
-
-
-def trained_windows(*trace_dirs) -> dict[int, list[int]]:
-    """Step -> the window indices trained on at that step (in global order), from the last launch that
-    trained it: a step redone after a crash replaces the lost attempt. One trace folder per launch."""
-    by_step: dict[int, list[int]] = {}
-    for trace_dir in trace_dirs:
-        parts: dict[int, dict] = {}
-        for rank_file in sorted(trace_dir.glob("trace-rank*.jsonl")):
-            rank = int(rank_file.stem.removeprefix("trace-rank"))
-            for line in rank_file.read_text().splitlines():
-                rec = json.loads(line)
-                parts.setdefault(rec["step"], {})[(rec["micro"], rank)] = [a * 256 + b for a, b in rec["rows"]]
-        for step, pieces in parts.items():  # (micro, rank) order is global position order
-            by_step[step] = [w for key in sorted(pieces) for w in pieces[key]]
-    return dict(sorted(by_step.items()))
-
-
-def traced(tmp_path, name: str) -> dict:
-    folder = tmp_path / f"trace-{name}"
-    folder.mkdir()
-    return {"LMFORGE_TRACE_DIR": str(folder)}
 
 
 def weights(run_dir) -> dict:

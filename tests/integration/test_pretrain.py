@@ -88,12 +88,34 @@ def test_rerun_resumes_from_the_latest_checkpoint_and_a_finished_run_is_left_alo
     assert json.loads((tmp_path / "run" / "final" / "lineage.json").read_text())["step"] == 6
 
 
-def test_a_different_model_cannot_resume_a_run(tmp_path, tiny_data):
+def test_a_different_model_or_different_data_cannot_resume_a_run(tmp_path, tiny_data):
+    import shutil
+
     cfg = pretrain_config(tmp_path / "p.yaml", tiny_data, tmp_path / "run",
                           train={"max_steps": 2, "log_every": 1, "eval_every": 2, "save_every": 2})
     assert launch("pretrain", cfg).returncode == 0
     proc = launch("pretrain", cfg, "model.num_layers=3", "train.max_steps=4")
     assert proc.returncode == 2 and "was saved by a different model config" in proc.stderr
+    other = tmp_path / "other_data"
+    shutil.copytree(tiny_data, other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "source_fingerprint": "something-else"}))
+    proc = launch("pretrain", cfg, f"data.path={other}", "train.max_steps=4")
+    assert proc.returncode == 2 and "was trained on different data (fingerprint" in proc.stderr
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, tiny_data):
+    cfg = pretrain_config(tmp_path / "p.yaml", tiny_data, tmp_path / "run", tracking={"wandb": True},
+                          train={"max_steps": 2, "log_every": 1, "eval_every": 2, "save_every": 2})
+    assert launch("pretrain", cfg).returncode == 0
+    run_id = (tmp_path / "run" / "wandb_id.txt").read_text().strip()
+    record = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "lmforge.json").read_text())
+    assert record["wandb_id"] == run_id
+    proc = launch("pretrain", cfg, "train.max_steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) or f"-{run_id}-" in r.name for r in runs), runs
+    assert "less than the current step" not in proc.stdout + proc.stderr  # W&B's step-order warning
 
 
 def test_init_from_continues_from_an_exported_model(tmp_path, tiny_data):

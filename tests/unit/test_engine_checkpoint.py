@@ -87,3 +87,13 @@ def test_export_refuses_non_finite_weights(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="non-finite weights"):
         ckpt.export_hf(tmp_path / "out", model.config, state, tmp_path, {}, None)
     assert not (tmp_path / "out").exists()
+
+
+def test_retention_keeps_pinned_and_every_kth_and_never_the_newest(tmp_path):
+    for step in (5, 10, 15, 20, 25, 30):
+        fake_checkpoint(tmp_path, step)
+    gone = ckpt.prune(tmp_path, keep_last=1, keep_every=10, pinned=(15,))
+    assert [p.name for p in gone] == ["step-00000005", "step-00000025"]
+    assert [c.step for c in ckpt.complete(tmp_path)] == [10, 15, 20, 30]
+    ckpt.prune(tmp_path, keep_last=0)  # a zero is read as one: the newest complete checkpoint always stays
+    assert [c.step for c in ckpt.complete(tmp_path)] == [30]
