@@ -286,6 +286,7 @@ def fix_zero3_universal_load(engine, folder: Path) -> None:
     on norms) and one shared `step` tensor that Adam then advances once per group: put both right."""
     if zero_stage(engine.config) != 3:
         return
+    # a pickle DeepSpeed's converter wrote, inside this run's own checkpoint folder (never a foreign file)
     saved = torch.load(folder / UNIVERSAL / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
     optimizer = engine.optimizer.optimizer
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
@@ -317,4 +318,5 @@ def state_dict_from_checkpoint(folder: Path, tag: str) -> dict:
     states = tag_dir / "mp_rank_00_model_states.pt"
     if not states.exists():
         raise EngineError(f"{tag_dir}: no model states (mp_rank_00_model_states.pt) in this checkpoint")
+    # DeepSpeed's model states hold non-tensor objects; this run wrote the file (see the docstring)
     return dict(torch.load(states, map_location="cpu", weights_only=False)["module"])
