@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(ROOT)  # the project root, for `tests.harness` and `lmforge`
 
+from bench.report import write_section  # noqa: E402
 from tests.harness import launch, position_corpus, pretrain_config, traced, trained_windows  # noqa: E402
 
 BEGIN, END = "<!-- bench:reliability:begin -->", "<!-- bench:reliability:end -->"
@@ -195,15 +196,7 @@ def write_table(report: dict, path: Path) -> None:
             f"{100 * t['overhead_share']:.1f}% |",
         ]
     lines.append(END)
-    section = "\n".join(lines)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Reliability\n\n" + section + "\n"
-    path.write_text(text)
-    print(f"[reliability] updated {path}")
+    write_section(path, BEGIN, END, "Reliability", "\n".join(lines))
 
 
 def main() -> int:

@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(ROOT)
 
+from bench.report import write_section  # noqa: E402
+
 BEGIN, END = "<!-- bench:tokenize:begin -->", "<!-- bench:tokenize:end -->"
 TARGETS = {  # from the tokenization issue: what "fast enough" means
     "lmforge_vs_encode_batch": 0.9,
@@ -349,18 +351,11 @@ def write_table(report: dict, path: Path) -> None:
     ]
     if "peak_rss_main_growth_at_scale" in ratio:
         lines += [f"| lmforge past start-up ({ratio['lmforge_marginal_mb_per_s']:.1f} MB/s, from the 1x and {scale}x runs) "
-                  f"/ raw encode_batch | {ratio['lmforge_marginal_vs_encode_batch']:.2f}x | |",f"| peak RSS at {scale}x input / at 1x: main process | {ratio['peak_rss_main_growth_at_scale']:.2f}x | ~1x |",
+                  f"/ raw encode_batch | {ratio['lmforge_marginal_vs_encode_batch']:.2f}x | |",
+                  f"| peak RSS at {scale}x input / at 1x: main process | {ratio['peak_rss_main_growth_at_scale']:.2f}x | ~1x |",
                   f"| peak RSS at {scale}x input / at 1x: worker | {ratio['peak_rss_worker_growth_at_scale']:.2f}x | ~1x |"]
     lines.append(END)
-    section = "\n".join(lines)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Tokenization\n\n" + section + "\n"
-    path.write_text(text)
-    print(f"[bench] updated {path}")
+    write_section(path, BEGIN, END, "Tokenization", "\n".join(lines))
 
 
 if __name__ == "__main__":

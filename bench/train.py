@@ -74,6 +74,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(ROOT)
 
+from bench.report import write_section  # noqa: E402
+
 BEGIN, END = "<!-- bench:train:begin -->", "<!-- bench:train:end -->"
 TARGETS = {  # from the pretraining issue: what "fast and lean enough" means
     "lmforge_vs_trainer": 1.2,     # tokens/s ratio, at least
@@ -768,15 +770,7 @@ def write_table(report: dict, path: Path) -> None:
                   "this optimizer in fp32 whatever the runtime overhead; ZeRO-3 against what DeepSpeed is expected to "
                   f"hold: {mem['stages']['3']['vs_deepspeed_expected']:.2f}x."]
     lines.append(END)
-    section = "\n".join(lines)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Pretraining\n\n" + section + "\n"
-    path.write_text(text)
-    print(f"[bench] updated {path}")
+    write_section(path, BEGIN, END, "Pretraining", "\n".join(lines))
 
 
 if __name__ == "__main__":
