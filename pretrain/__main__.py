@@ -326,11 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             loss_sum, count = eng.all_reduce_sum(window_loss.tolist(), device)
             window_loss.zero_()
-            count = max(count, 1)  # a window of only skipped steps
             rate = meter.report()
             mem = eng.all_reduce_max(float(memory_bytes(device)), device)
             eta = (cfg.train.max_steps - step) * rate["step_seconds"]
-            metrics = {"train/loss": loss_sum / count, "train/lr": lr, "train/grad_norm": norm,
+            metrics = {"train/loss": loss_sum / count if count else float("nan"), "train/lr": lr,  # nan: all skipped "train/grad_norm": norm,
                        "train/tokens_per_s": rate["tokens_per_s"], "train/mfu": rate["mfu"],
                        "train/tokens": tokens_seen, "train/memory_gb": mem / 1e9}
             logged.update(metrics)
