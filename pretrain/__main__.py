@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             rate = meter.report()
             mem = eng.all_reduce_max(float(memory_bytes(device)), device)
             eta = (cfg.train.max_steps - step) * rate["step_seconds"]
-            metrics = {"train/loss": loss_sum / count if count else float("nan"), "train/lr": lr,  # nan: all skipped "train/grad_norm": norm,
+            # a window of only skipped steps has no loss to show: NaN, not 0
+            metrics = {"train/loss": loss_sum / count if count else float("nan"), "train/lr": lr, "train/grad_norm": norm,
                        "train/tokens_per_s": rate["tokens_per_s"], "train/mfu": rate["mfu"],
                        "train/tokens": tokens_seen, "train/memory_gb": mem / 1e9}
             logged.update(metrics)
