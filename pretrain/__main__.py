@@ -42,7 +42,8 @@ OUT_OF_TIME = 1000  # the stop flag's value for train.max_time (signal numbers a
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, args = parse_command("python -m pretrain", PretrainConfig, argv, __doc__.split("\n")[0],
-                              extra={"--local_rank": {"type": int, "help": argparse.SUPPRESS}})  # deepspeed launcher
+                              extra={"--local_rank": {"type": int, "help": argparse.SUPPRESS}},  # deepspeed launcher
+                              example="optim.lr=3e-4")
     from lmforge import engine as eng  # imports DeepSpeed: after the config is known to be good
 
     # -- what the data says, and the batch arithmetic: errors here come before any work ------------

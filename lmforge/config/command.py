@@ -16,13 +16,14 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def parse_command(prog: str, schema: type[M], argv: Sequence[str] | None, description: str,
-                  extra: dict[str, dict] | None = None) -> tuple[M, argparse.Namespace]:
+                  extra: dict[str, dict] | None = None, example: str = "split.val_fraction=0.05"
+                  ) -> tuple[M, argparse.Namespace]:
     """Parse `CONFIG [key=value ...] [--dry-run]`; a bad config prints its errors and exits with 2."""
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=config_help(schema),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="override a config value (validated like the file), e.g. split.val_fraction=0.05")
+                        help=f"override a config value (validated like the file), e.g. {example}")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the fully resolved config and exit without doing any work")
     for flag, kwargs in (extra or {}).items():
