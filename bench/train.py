@@ -224,6 +224,10 @@ def child_trainer(spec: dict) -> None:
             "deepspeed_enabled": bool(trainer.is_deepspeed_enabled),
             "zero_stage": int(trainer.accelerator.state.deepspeed_plugin.zero_stage),
             "micro": micro, "accum": accum, "global_batch": global_batch})
+    # Left to interpreter exit, the process group's threads are torn down in no set order and the
+    # process can abort ("terminate called without an active exception") after the work is done.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def child_plain(spec: dict) -> None:
