@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     peak, peak_source = device_peak(device, dtype, cfg.engine.peak_flops)
     peak = eng.all_reduce_sum([peak], device)[0] / d.world  # CPU: the ranks' measurements, averaged
     say(f"[pretrain] {cfg.model.family} {human(params['total'])} parameters, {d.world} rank(s) on {device.type}, "
-        f"ZeRO-{eng.zero_stage(ds)}, {str(dtype).removeprefix('torch.')}; global batch {global_batch} x "
+        f"ZeRO-{eng.zero_stage(ds)}, {str(dtype).removeprefix('torch.')}"
+        # read back from the model and the engine, not the config: an option that did not take shows here
+        + (", activation checkpointing" if model.is_gradient_checkpointing else "")
+        + (", torch.compile" if engine.is_compiled else "") + f"; global batch {global_batch} x "
         f"{cfg.data.seq_len} = {tokens_per_step:,} tokens/step; {sampler.num_windows:,} train windows; "
         f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
 
