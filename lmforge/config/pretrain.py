@@ -86,7 +86,7 @@ class EngineConfig(StrictModel):
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     compile: bool = False
-    """torch.compile the model (GPU; slow to start, faster steps)."""
+    """torch.compile the model (slow to start, faster steps; pays off most on GPU)."""
     universal_checkpoint: bool = True
     """Resume a ZeRO-1/2/3 checkpoint on another number of ranks by converting it to DeepSpeed's universal format."""
     peak_flops: float | None = Field(None, gt=0)
