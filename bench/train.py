@@ -29,28 +29,15 @@ reads the same windows in the same order (lmforge's WindowSampler: global positi
 Tokens/s are over the steady state: every method's steps tile rank 0's clock (whatever it does between
 steps, logging and data included, counts in the next step), the first W steps are left out, and the rate is
 tokens per step / the median of the remaining step times (the mean over them is in the JSON too). Every
-method runs `--rounds` times, interleaved, and its best round counts: the 2 cores are shared with whatever
+method runs `--rounds` times, interleaved, each round starting with the next method (the first run of a round
+measured slower, whichever method it was), and its best round counts: the 2 cores are shared with whatever
 else runs on the machine, and bursts of other work only ever make a step slower. MFU = tokens/s x
 `flops_per_token(model, vocab, seq_len)` / (peak x ranks), with one peak for every method: an fp32 512x512
 matmul on one thread (each rank runs one thread), best of three half-second runs, measured once in this
 parent process before any child starts. The first step's loss is recorded by every method: lmforge and the
 plain loop start from the same weights on the same windows, so they agree to round-off.
 
-Memory. Resident memory of each of 2 ranks, ZeRO 0/1/2/3, for a ~43M-parameter Llama built here (micro
-batch 1, seq 128, 2 optimizer steps, fp32, torch AdamW) through lmforge's own engine (`lmforge.engine.ds_config`
-+ `initialize`), one launch per stage. RSS includes the Python/torch/DeepSpeed runtime, so a baseline launch
-that imports the same libraries and joins the process group but builds nothing is measured too; model
-states = training peak - baseline peak, per rank. The training peak is VmHWM over the steps: it is reset
-(/proc/self/clear_refs) after `initialize`, whose own peak (the full model is built before ZeRO partitions it)
-is reported beside it. Theory: fp32 AdamW, 16 bytes/parameter (weights 4, grads 4, Adam moments 8; fp32
-training needs no master copy) split as ZeRO divides it over W ranks: stage 0: 16N; 1: 4N + 4N + 8N/W;
-2: 4N + 12N/W; 3: 16N/W. "DeepSpeed expected" adds what DeepSpeed and torch's AdamW hold by design (see
-`theory`). Measurement settings, all in the benchmark's own copies of configs/deepspeed/zero*.json and its
-environment, so that buffers sized for GPU clusters and allocator caching do not pose as model states:
-communication buckets of 1e6 elements (4 MB; the shipped files say 5e7 = 200 MB), ZeRO-3's
-max_live_parameters / max_reuse_distance the same (DeepSpeed's default 1e9 keeps every gathered parameter
-between forward and backward), and MALLOC_MMAP_THRESHOLD_=65536 (glibc hands freed blocks back at once).
-Activations and the remaining DeepSpeed buffers are included.
+Memory: ZeRO 0/1/2/3 per-rank memory against the model-state theory, in bf16 and fp32; see bench/memory.py.
 
 Writes OUT/train.json (default bench/results) and, for a full run, the Pretraining section of BENCHMARKS.md.
 """
@@ -74,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(ROOT)
 
+from bench import memory as bench_memory  # noqa: E402
 from bench.report import write_section  # noqa: E402
 
 BEGIN, END = "<!-- bench:train:begin -->", "<!-- bench:train:end -->"
@@ -83,22 +71,6 @@ TARGETS = {  # from the pretraining issue: what "fast and lean enough" means
     "zero3_vs_theory": 1.2,        # measured model-state memory / theory, at most
 }
 WORLD = 2
-MEMORY_BUCKET = 1_000_000  # elements (4 MB fp32) for every bucket in the memory runs' DeepSpeed JSON
-MEMORY_MODEL = {"family": "llama", "hidden_size": 512, "num_layers": 12, "num_heads": 8, "intermediate_size": 1408,
-                "max_seq_len": 256}
-SMOKE_MEMORY_MODEL = {"family": "llama", "hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 256,
-                      "max_seq_len": 128}
-
-
-def status_bytes() -> dict:
-    """This process's peak (VmHWM) and current (VmRSS) resident memory, bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":")[0]
-            if key in ("VmHWM", "VmRSS"):
-                out["peak_rss_bytes" if key == "VmHWM" else "rss_bytes"] = int(line.split()[1]) * 1024
-    return out
 
 
 def data_ids(data: Path) -> tuple[int, int, int | None]:
@@ -287,54 +259,6 @@ def child_plain(spec: dict) -> None:
     dist.destroy_process_group()
 
 
-def child_memory(spec: dict) -> None:
-    """Peak RSS of each rank: after imports and the process group only (baseline), or after training."""
-    import torch
-    import torch.nn.functional as F
-    import transformers.models.llama.modeling_llama  # noqa: F401  (the baseline loads what the run loads)
-    from transformers import AutoModelForCausalLM  # noqa: F401
-
-    from lmforge import engine as eng
-    from lmforge.config.model import ModelConfig
-    from lmforge.config.pretrain import OptimConfig
-    from lmforge.data.sampler import WindowSampler
-    from lmforge.data.shards import TokenShards
-    from lmforge.models import build_model
-
-    d = eng.setup_distributed()
-    data = Path(spec["data"])
-    vocab, eos_id, pad_id = data_ids(data)
-    sampler = WindowSampler(TokenShards(data, "train"), spec["seq_len"], 1234)
-    eng.barrier()
-    record = {"rank": d.rank, "before_build": status_bytes()}
-    if not spec["baseline"]:
-        cfg = ModelConfig(**spec["model"])
-        torch.manual_seed(1234)
-        model = build_model(cfg, vocab, eos_id, pad_id)
-        record["params"] = sum(p.numel() for p in model.parameters())
-        record["after_build"] = status_bytes()
-        zero = json.loads(Path(spec["ds_json"]).read_text())
-        micro = spec["micro"]
-        ds = eng.ds_config(zero, micro, 1, micro * d.world, torch.float32, OptimConfig(lr=1e-4, min_lr=0.0),
-                           d.device)
-        engine = eng.initialize(model, ds, 0.1)
-        record["after_initialize"] = status_bytes()  # its peak: the start-up transient (the full model first)
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: from here on, the training peak
-        for step in range(spec["steps"]):
-            x = sampler.batch(sampler.rank_positions(step * micro * d.world, micro, 1, d.rank, d.world, 0))
-            logits = engine(input_ids=x[:, :-1]).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-            engine.backward(loss)
-            engine.step()
-        record["loss"] = float(loss.item())
-    record["end"] = status_bytes()
-    box = [None] * d.world
-    torch.distributed.all_gather_object(box, record)
-    if d.is_main:
-        write_result(spec, {"ranks": box})
-    eng.teardown()
-
-
 def write_result(spec: dict, result: dict) -> None:
     Path(spec["result"]).write_text(json.dumps(result))
 
@@ -486,73 +410,6 @@ def write_pretrain_config(work: Path, data: Path, args: argparse.Namespace) -> P
     return path
 
 
-def memory_json(stage: int, work: Path) -> Path:
-    """The shipped zero{stage}.json with every communication bucket shrunk to MEMORY_BUCKET elements."""
-    zero = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
-    z = zero["zero_optimization"]
-    # stage 0 too: DeepSpeed's own default bucket is 5e8 elements (it would flatten every gradient at once)
-    z.update(reduce_bucket_size=MEMORY_BUCKET, allgather_bucket_size=MEMORY_BUCKET)
-    if stage == 3:
-        # prefetch, and the gathered parameters kept for reuse: DeepSpeed keeps up to 1e9 by default (the whole
-        # model here), which ZeRO-3's 16N/W assumes released after each layer
-        z.update(stage3_prefetch_bucket_size=MEMORY_BUCKET, stage3_max_live_parameters=MEMORY_BUCKET,
-                 stage3_max_reuse_distance=MEMORY_BUCKET)
-    path = work / "memory" / f"zero{stage}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(zero, indent=2))
-    return path
-
-
-def theory(n: int, world: int) -> dict[int, dict]:
-    """Bytes per rank for `n` parameters on `world` ranks: the textbook fp32 AdamW split of model states, and
-    what DeepSpeed with torch's AdamW holds at its peak on top of it (same N, nothing measured)."""
-    textbook = {0: 16 * n, 1: 4 * n + 4 * n + 8 * n / world, 2: 4 * n + (4 * n + 8 * n) / world, 3: 16 * n / world}
-    extra = {
-        # stage 0: DeepSpeed all-reduces the gradients through one flat copy of up to 5e8 elements (hard-coded)
-        0: 4 * n,
-        # stages 1-3: DeepSpeed's own fp32 copy of the rank's partition (a clone, in fp32 training too) and
-        # torch AdamW's sqrt(v) and division temporaries over that flat partition (up to 2 x 4N/W)
-        **{s: 4 * n / world + 8 * n / world for s in (1, 2, 3)},
-    }
-    return {s: {"theory_bytes": round(b), "deepspeed_expected_bytes": round(b + extra[s])} for s, b in textbook.items()}
-
-
-def run_memory(data: Path, work: Path, smoke: bool, timeout: float) -> dict:
-    from lmforge.config.model import ModelConfig
-    from lmforge.models import num_params
-
-    model = SMOKE_MEMORY_MODEL if smoke else MEMORY_MODEL
-    vocab = data_ids(data)[0]
-    n = num_params(ModelConfig(**model), vocab)["total"]
-    spec = {"data": str(data), "model": model, "seq_len": 128 if not smoke else 64, "micro": 1, "steps": 2}
-    base = run_child("memory", "memory_baseline", {**spec, "baseline": True}, work, timeout)
-    baseline = [r["end"]["peak_rss_bytes"] for r in base["ranks"]]
-    stages = {}
-    for stage, t in theory(n, WORLD).items():
-        r = run_child("memory", f"memory_zero{stage}", {**spec, "baseline": False, "ds_json": str(memory_json(stage, work))},
-                      work, timeout)
-        assert all(x["params"] == n for x in r["ranks"]), "parameter count differs from lmforge.models.num_params"
-        peaks = [x["end"]["peak_rss_bytes"] for x in r["ranks"]]  # training: VmHWM was reset after initialize
-        startup = [x["after_initialize"]["peak_rss_bytes"] for x in r["ranks"]]
-        states = [p - b for p, b in zip(peaks, baseline, strict=True)]
-        stages[str(stage)] = {
-            **t, "peak_rss_bytes": peaks, "model_states_bytes": states, "model_states_max_bytes": max(states),
-            "vs_theory": round(max(states) / t["theory_bytes"], 3),
-            "vs_deepspeed_expected": round(max(states) / t["deepspeed_expected_bytes"], 3),
-            "startup_peak_rss_bytes": startup, "startup_over_baseline_max_bytes":
-                max(p - b for p, b in zip(startup, baseline, strict=True)),
-            "pre_build_peak_rss_bytes": [x["before_build"]["peak_rss_bytes"] for x in r["ranks"]],
-            "after_initialize_rss_bytes": [x["after_initialize"]["rss_bytes"] for x in r["ranks"]],
-            "final_loss": r["ranks"][0]["loss"], "wall_seconds": r["wall_seconds"]}
-        s = stages[str(stage)]
-        print(f"[bench] memory ZeRO-{stage}: training peak RSS {max(peaks) / 1e6:.0f} MB, model states "
-              f"{max(states) / 1e6:.0f} MB (theory {t['theory_bytes'] / 1e6:.0f} MB, {s['vs_theory']:.2f}x); start-up peak "
-              f"{max(startup) / 1e6:.0f} MB", flush=True)
-    return {"model": model, "params": n, "vocab_size": vocab, "world_size": WORLD, "micro_batch_size": 1,
-            "seq_len": spec["seq_len"], "steps": spec["steps"], "bucket_elements": MEMORY_BUCKET,
-            "baseline_peak_rss_bytes": baseline, "baseline_wall_seconds": base["wall_seconds"], "stages": stages}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps; never writes BENCHMARKS.md")
@@ -568,7 +425,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.spec.read_text())
-        {"trainer": child_trainer, "plain": child_plain, "memory": child_memory}[args.child](spec)
+        if args.child == "memory":
+            result = bench_memory.child(spec)
+            if os.environ["RANK"] == "0":
+                write_result(spec, result)
+        else:
+            {"trainer": child_trainer, "plain": child_plain}[args.child](spec)
         return 0
 
     began = time.perf_counter()
@@ -612,7 +474,10 @@ def main() -> int:
     spec = {"config": str(config), "steps": args.steps}
     runs: dict[str, list[dict]] = {"lmforge": [], "trainer": [], "plain": []}
     for k in range(args.rounds):
-        for method in runs:
+        # each round starts with another method: whatever the one before leaves behind (a process still
+        # exiting, pages being reclaimed) falls on every method in turn
+        order = list(runs)[k % len(runs):] + list(runs)[:k % len(runs)]
+        for method in order:
             name = f"{method}_r{k}"
             if method == "lmforge":
                 r = run_lmforge(config, Path(cfg.run_dir), name, work, args.warmup, tokens_per_step, timeout)
@@ -641,7 +506,8 @@ def main() -> int:
               "trainer_vs_plain": round(tps["trainer"] / tps["plain"], 3),
               # same model, weights, windows and update rule: the first step's loss must agree
               "first_loss_lmforge_minus_plain": abs(results["lmforge"]["losses"][0] - results["plain"]["losses"][0])}
-    memory = None if args.no_memory else run_memory(data, work, args.smoke, timeout)
+    memory = None if args.no_memory else bench_memory.measure(
+        data, work, args.smoke, data_ids(data), lambda kind, name, spec: run_child(kind, name, spec, work, timeout))
 
     targets = {"lmforge_vs_trainer": {"target": f">= {TARGETS['lmforge_vs_trainer']}",
                                       "measured": ratios["lmforge_vs_trainer"],
@@ -649,7 +515,7 @@ def main() -> int:
                "lmforge_vs_plain": {"target": f">= {TARGETS['lmforge_vs_plain']}", "measured": ratios["lmforge_vs_plain"],
                                     "met": ratios["lmforge_vs_plain"] >= TARGETS["lmforge_vs_plain"]}}
     if memory:
-        z3 = memory["stages"]["3"]["vs_theory"]
+        z3 = memory["precisions"]["bf16"]["stages"]["3"]["vs_theory"]
         targets["zero3_vs_theory"] = {"target": f"<= {TARGETS['zero3_vs_theory']}", "measured": z3,
                                       "met": z3 <= TARGETS["zero3_vs_theory"]}
     report = {
@@ -715,7 +581,7 @@ def write_table(report: dict, path: Path) -> None:
         f"({c['tokens_per_step']:,} tokens/step), DeepSpeed ZeRO-2 (`configs/deepspeed/zero2.json`) for lmforge and "
         f"the Trainer. Tokens/s = tokens per step / the median time of steps {c['warmup_steps_skipped'] + 1}-"
         f"{c['steps']} (the first {c['warmup_steps_skipped']} are warm-up), best of {c['rounds']} interleaved runs "
-        "of each method (the machine is shared: other work only slows a step down; every run's figures are in the "
+        "of each method, each round led by the next method (the machine is shared: other work only slows a step down; every run's figures are in the "
         f"JSON); MFU against {m['peak_flops_per_thread'] / 1e9:.1f} GFLOP/s per rank (an fp32 matmul on one "
         "thread, measured once).",
         "",
@@ -734,45 +600,7 @@ def write_table(report: dict, path: Path) -> None:
         f"| HF Trainer / plain PyTorch (tokens/s) | {ratio['trainer_vs_plain']:.2f}x | | |",
     ]
     if mem:
-        n, w = mem["params"], mem["world_size"]
-        z3_floor = mem["stages"]["3"]["deepspeed_expected_bytes"] / mem["stages"]["3"]["theory_bytes"]
-        lines += [
-            "",
-            f"Memory: resident memory per rank for a {n / 1e6:.1f}M-parameter Llama ({mem['model']['hidden_size']} "
-            f"hidden, {mem['model']['num_layers']} layers, vocab {mem['vocab_size']:,}), {w} ranks, micro batch 1, "
-            f"seq {mem['seq_len']}, {mem['steps']} optimizer steps, fp32, torch AdamW, through lmforge's engine. "
-            "**Model states = training peak RSS - baseline**: the training peak is VmHWM over the steps (reset after "
-            "DeepSpeed's initialize, whose start-up peak is its own column), the baseline the peak RSS of a launch that "
-            "imports the same libraries and joins the process group but builds nothing "
-            f"({max(mem['baseline_peak_rss_bytes']) / 1e6:.0f} MB); the worse rank is shown. It includes activations "
-            "and DeepSpeed's buffers. Theory: 16 bytes/param split as ZeRO divides it (0: 16N; 1: 8N + 8N/W; "
-            "2: 4N + 12N/W; 3: 16N/W). *DeepSpeed expected* adds what DeepSpeed and torch's AdamW hold by design: "
-            "stage 0 all-reduces every gradient through one flat copy (+4N); stages 1-3 keep an fp32 copy of the "
-            "rank's partition even in fp32 training (+4N/W), and torch's AdamW allocates sqrt(v) and a quotient the "
-            "size of that flat partition in its step (+8N/W). Measurement settings (the benchmark's own JSON copies): "
-            f"communication buckets {mem['bucket_elements']:,} elements ({mem['bucket_elements'] * 4 / 1e6:.0f} MB; "
-            "200 MB in the shipped files), and for ZeRO-3 `stage3_max_live_parameters` / `stage3_max_reuse_distance` "
-            "the same (DeepSpeed's default, 1e9, keeps the whole model gathered between forward and backward); "
-            "glibc returns freed blocks over 64 KB at once (`MALLOC_MMAP_THRESHOLD_=65536`), so RSS follows the live "
-            "tensors. What remains above *DeepSpeed expected* is activations and runtime buffers, such as DeepSpeed's "
-            "shared-memory all-reduce workspace on CPU (2 x 32 MB + 2 x 1 MB per rank).",
-            "",
-            "| ZeRO stage | theory MB | DeepSpeed expected MB | training peak RSS MB (rank 0 / 1) | model states MB | "
-            "vs theory | vs DeepSpeed expected | start-up peak - baseline MB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for stage, s in mem["stages"].items():
-            lines.append(f"| {stage} | {s['theory_bytes'] / 1e6:.0f} | {s['deepspeed_expected_bytes'] / 1e6:.0f} | "
-                         f"{' / '.join(f'{p / 1e6:.0f}' for p in s['peak_rss_bytes'])} | "
-                         f"{s['model_states_max_bytes'] / 1e6:.0f} | {s['vs_theory']:.2f}x | "
-                         f"{s['vs_deepspeed_expected']:.2f}x | {s['startup_over_baseline_max_bytes'] / 1e6:.0f} |")
-        lines += ["", "| target | measured | target | |", "|---|---:|---:|---|",
-                  f"| ZeRO-3 model states / theory | {t['zero3_vs_theory']['measured']:.2f}x | "
-                  f"<= {TARGETS['zero3_vs_theory']}x | {met('zero3_vs_theory')} |",
-                  "", f"DeepSpeed's fp32 layout with torch's AdamW alone comes to {z3_floor:.2f}x the ZeRO-3 theory "
-                  "(20N/W held + 8N/W of optimizer temporaries against 16N/W), so the 1.2x target cannot be met with "
-                  "this optimizer in fp32 whatever the runtime overhead; ZeRO-3 against what DeepSpeed is expected to "
-                  f"hold: {mem['stages']['3']['vs_deepspeed_expected']:.2f}x."]
+        lines += bench_memory.table(mem, TARGETS["zero3_vs_theory"], met("zero3_vs_theory"))
     lines.append(END)
     write_section(path, BEGIN, END, "Pretraining", "\n".join(lines))
 

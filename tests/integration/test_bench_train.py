@@ -46,14 +46,20 @@ def test_train_benchmark_smoke_run(tmp_path):
 
     memory = report["memory"]
     n, w = memory["params"], memory["world_size"]
-    assert set(memory["stages"]) == {"0", "1", "2", "3"} and w == 2
-    expected = {"0": 16 * n, "1": 8 * n + 8 * n / w, "2": 4 * n + 12 * n / w, "3": 16 * n / w}
-    for stage, s in memory["stages"].items():
-        assert s["theory_bytes"] == pytest.approx(expected[stage], abs=1)
-        assert len(s["peak_rss_bytes"]) == w and all(p > b for p, b in zip(s["peak_rss_bytes"],
-                                                                           memory["baseline_peak_rss_bytes"], strict=True))
-        assert s["model_states_max_bytes"] > 0 and s["vs_theory"] > 0
-    assert report["targets"]["zero3_vs_theory"]["measured"] == memory["stages"]["3"]["vs_theory"]
+    assert set(memory["precisions"]) == {"bf16", "fp32"} and w == 2
+    theory = {"bf16": {"0": 16 * n, "1": 4 * n + 12 * n / w, "2": 2 * n + 14 * n / w, "3": 16 * n / w},
+              "fp32": {"0": 16 * n, "1": 8 * n + 8 * n / w, "2": 4 * n + 12 * n / w, "3": 16 * n / w}}
+    for precision, expected in theory.items():
+        stages = memory["precisions"][precision]["stages"]
+        assert set(stages) == {"0", "1", "2", "3"}
+        for stage, s in stages.items():
+            assert s["theory_bytes"] == pytest.approx(expected[stage], abs=1)
+            assert len(s["peak_rss_bytes"]) == w and all(p > b for p, b in zip(s["peak_rss_bytes"],
+                                                                               memory["baseline_peak_rss_bytes"], strict=True))
+            assert s["model_states_max_bytes"] > 0 and s["vs_theory"] > 0
+            assert (s["deepspeed_expected_bytes"] is None) == (precision == "bf16")
+    # the target is read where the theory's account applies: bf16 mixed precision
+    assert report["targets"]["zero3_vs_theory"]["measured"] == memory["precisions"]["bf16"]["stages"]["3"]["vs_theory"]
 
     # a smoke run never touches the recorded tables
     assert (benchmarks.read_bytes() if benchmarks.exists() else None) == before
