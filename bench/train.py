@@ -17,13 +17,13 @@ reads the same windows in the same order (lmforge's WindowSampler: global positi
             come from the per-step `train/tokens_per_s` that it writes to RUN_DIR/metrics.jsonl.
   trainer   `transformers.Trainer` on the same model, DeepSpeed with the same zero2.json passed as a dict
             through `TrainingArguments(deepspeed=...)` ("auto" for what the Trainer fills in: batch sizes,
-            clipping, the AdamW hyper-parameters; the same torch AdamW that lmforge injects), use_cpu=True,
+            clipping, the AdamW hyper-parameters; the same fused torch AdamW that lmforge injects), use_cpu=True,
             lr_scheduler_type=cosine_with_min_lr, logging_steps=1, a map-style Dataset whose item p is the
             window at position p and train_sampling_strategy="sequential" (accelerate hands rank r the batches
             r, r + W, ...: the same windows per rank, checked). Labels are the inputs (HF shifts them inside
             the model: 255 targets per row instead of 256, the same forward). Timed by a TrainerCallback.
   plain     a hand-written loop: DistributedDataParallel over gloo (no buffer broadcast, gradients as bucket
-            views), torch.optim.AdamW, no_sync() while accumulating, clip_grad_norm_, the step loss
+            views), torch.optim.AdamW(fused=True), no_sync() while accumulating, clip_grad_norm_, the step loss
             all-reduced every step like a logging loop. No framework: a near-upper bound on this machine.
 
 Tokens/s are over the steady state: every method's steps tile rank 0's clock (whatever it does between
@@ -139,7 +139,8 @@ def child_trainer(spec: dict) -> None:
           "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
           "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
           "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                     "weight_decay": "auto", "torch_adam": True}},
+                                                     "weight_decay": "auto", "torch_adam": True,
+                                                     "fused": True}},
           "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
     args = TrainingArguments(
         output_dir=spec["work"], use_cpu=True, deepspeed=ds, ddp_backend="gloo", seed=cfg.train.seed,
@@ -227,7 +228,8 @@ def child_plain(spec: dict) -> None:
     model = build_model(cfg.model, vocab, eos_id, pad_id)
     model.train()
     ddp = DDP(model, broadcast_buffers=False, gradient_as_bucket_view=True)
-    opt = torch.optim.AdamW(weight_decay_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    opt = torch.optim.AdamW(weight_decay_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                            fused=True)
     sampler = WindowSampler(TokenShards(cfg.data.path, "train"), cfg.data.seq_len, cfg.train.seed)
     ends, losses = [], []
     dist.barrier()

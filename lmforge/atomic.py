@@ -52,11 +52,36 @@ def publish_folder(out: str | os.PathLike, fill: Callable[[Path], object]) -> No
     try:
         fill(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
-        if out.exists():
-            shutil.rmtree(out)
+        sync_tree(tmp)
+        # the old folder steps aside by a rename (atomic) and is deleted only once the new one is in
+        # place: a kill at any point leaves `out` whole (old or new) or absent, never half-deleted
+        old = out.parent / f".{out.name}.old.{os.getpid()}{TMP_SUFFIX}" if out.exists() else None
+        if old:
+            os.replace(out, old)
         os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file under `folder`, then the folders themselves (their entries are the file names)."""
+    folders = []
+    for root, _, files in os.walk(folder):
+        folders.append(root)
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for root in reversed(folders):
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def remove_leftovers(folder: str | os.PathLike) -> int:

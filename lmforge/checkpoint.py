@@ -84,11 +84,21 @@ def incomplete(root: Path) -> list[Path]:
 def commit(folder: Path, record: dict) -> None:
     """Rank 0, after every rank has written its shards: make the checkpoint visible."""
     atomic.write_json(folder / RECORD, {"format": FORMAT, "saved_at": time.time(), **record})
-    fd = os.open(folder.parent, os.O_RDONLY)  # the rename itself must survive a power cut
+    for path in (folder, folder.parent):  # the record's rename (and the step folder's name) survive a power cut
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def exported_step(final: Path) -> int | None:
+    """The step an HF folder written by this run was exported at (its lineage.json), or None if there is
+    no complete export: a rerun that extends max_steps must export again."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return int(json.loads((Path(final) / "lineage.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def prune(root: Path, keep_last: int, keep_every: int | None = None, pinned: tuple[int, ...] = ()) -> list[Path]:

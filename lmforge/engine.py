@@ -1,6 +1,6 @@
 """The engine: the only module that imports DeepSpeed.
 
-It starts the process group (torchrun, `deepspeed --module`, srun or a plain `python -m`), turns a
+It starts the process group (torchrun, `deepspeed --module` or a plain `python -m`; on Slurm, torchrun per node), turns a
 stage config into a DeepSpeed config (ZeRO settings from `configs/deepspeed/*.json`; batch sizes,
 precision, optimizer and clipping injected from the stage config), wraps the model, and saves, loads
 and consolidates checkpoints. Stages call these functions and never `deepspeed.*` themselves.
@@ -122,10 +122,13 @@ def resolve_batch(micro: int, accum: int | None, global_batch: int | None, world
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    # native bf16 only: torch.cuda.is_bf16_supported() also says yes where it is emulated (V100, T4), slowly
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise EngineError("engine.precision: bf16 is not supported on this GPU; use fp32")
+        return torch.bfloat16 if native else torch.float32
+    if precision == "bf16" and device.type == "cuda" and not native:
+        raise EngineError(f"engine.precision: bf16 is not native on {torch.cuda.get_device_name(device)} "
+                          "(it needs compute capability 8.0+); use engine.precision=fp32")
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
@@ -139,6 +142,7 @@ def ds_config(zero_json: dict, micro: int, accum: int, global_batch: int, dtype:
     config = json.loads(json.dumps(zero_json))  # a deep copy
     zero = config.setdefault("zero_optimization", {"stage": 0})
     on_cpu = device.type == "cpu"
+    offloads = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     config.update({
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
@@ -147,8 +151,10 @@ def ds_config(zero_json: dict, micro: int, accum: int, global_batch: int, dtype:
         "bf16": {"enabled": dtype == torch.bfloat16},
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
-            # torch's AdamW on CPU: DeepSpeed's fused kernels are GPU code
-            **({"torch_adam": True} if on_cpu else {})}},
+            # torch's fused AdamW (a CPU and a CUDA kernel, in place): DeepSpeed's FusedAdam would be
+            # JIT-built with nvcc at start-up, which a pip-installed GPU box may not have. With optimizer
+            # offload on a GPU, DeepSpeed's own CPU Adam (multi-threaded) is the one to use.
+            **({"torch_adam": True, "fused": True} if on_cpu or not offloads else {})}},
         "steps_per_print": 2**31 - 1,  # the stage prints its own status line
         "wall_clock_breakdown": False,
     })

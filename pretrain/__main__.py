@@ -39,7 +39,13 @@ STAGE = "pretrain"
 OUT_OF_TIME = 1000  # the stop flag's value for train.max_time (signal numbers are below 65)
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """A seed for rank `rank`'s random stream from `step` on, distinct across ranks and steps."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+
+
 def main(argv: list[str] | None = None) -> int:
+    launched = time.perf_counter()  # train.max_time counts start-up too: the scheduler's clock already runs
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, args = parse_command("python -m pretrain", PretrainConfig, argv, __doc__.split("\n")[0],
                               extra={"--local_rank": {"type": int, "help": argparse.SUPPRESS}},  # deepspeed launcher
@@ -94,23 +100,27 @@ def main(argv: list[str] | None = None) -> int:
         atomic.remove_leftovers(run_dir)
         for gone in ckpt.remove_incomplete(ckpt_root):
             say(f"[pretrain] removed an interrupted save: {gone}")
-        save_config(cfg, run_dir / "config.yaml")
-        if not (run_dir / "tokenizer" / "tokenizer.json").exists():  # the run folder stands on its own
-            atomic.publish_folder(run_dir / "tokenizer", lambda tmp: [
-                (tmp / n).write_bytes((Path(cfg.data.path) / "tokenizer" / n).read_bytes())
-                for n in ckpt.TOKENIZER_FILES if (Path(cfg.data.path) / "tokenizer" / n).is_file()])
     resume = eng.broadcast_object(ckpt.latest(ckpt_root) if d.is_main else None)  # rank 0 decides for all
     model_digest = cfg.model.digest()
-    if resume is not None:
+    if resume is not None:  # checked before anything in run_dir is overwritten: a refused rerun changes nothing
         problem = check_resume(resume, cfg, meta, model_digest, d.world, eng.zero_stage(ds), global_batch)
         if problem:
             say(f"python -m pretrain: error: {problem}", file=sys.stderr)
             eng.teardown()
             return 2
-        if resume.step >= cfg.train.max_steps and (run_dir / "final" / "config.json").exists():
+        if resume.step >= cfg.train.max_steps and ckpt.exported_step(run_dir / "final") == resume.step:
             say(f"[pretrain] {run_dir} already finished {resume.step} steps; final model in {run_dir / 'final'}")
             eng.teardown()
             return 0
+    if d.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        # The run folder stands on its own. A fresh start takes the data's tokenizer, even over one an
+        # earlier attempt (which died before its first checkpoint) copied from other data.
+        if resume is None or not (run_dir / "tokenizer" / "tokenizer.json").exists():
+            atomic.publish_folder(run_dir / "tokenizer", lambda tmp: [
+                (tmp / n).write_bytes((Path(cfg.data.path) / "tokenizer" / n).read_bytes())
+                for n in ckpt.TOKENIZER_FILES if (Path(cfg.data.path) / "tokenizer" / n).is_file()])
+    eng.barrier()  # every rank reads the run's tokenizer below
 
     # A ZeRO-1/2/3 checkpoint from another world size: rank 0 converts it to DeepSpeed's universal
     # format (once, atomically) and every rank loads that; the data position is global and follows.
@@ -138,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.engine.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = eng.initialize(model, ds, cfg.optim.weight_decay)
+    torch.manual_seed(rank_seed(cfg.train.seed, d.rank, 0))  # from here on (dropout) each rank draws its own
     if cfg.engine.compile:
         engine.compile()
     stage3 = eng.partitions_weights(engine)
@@ -152,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         if resume_tag != resume.tag:
             eng.fix_zero3_universal_load(engine, resume.path)
         load_seconds = time.perf_counter() - began
-        ckpt.load_rng(resume.path, d.rank)
+        if not ckpt.load_rng(resume.path, d.rank):  # a rank the saving run did not have: a stream of its own
+            torch.manual_seed(rank_seed(cfg.train.seed, d.rank, resume.step))
         step, position, tokens_seen = resume.step, int(resume.record["samples"]), int(resume.record["tokens"])
         say(f"[pretrain] resumed from {resume.path} at step {step} ({tokens_seen:,} tokens seen"
             + (f"; saved on {resume.record['world_size']} ranks, now {d.world})" if resume_tag != resume.tag else ")"))
@@ -223,10 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         ckpt.fault("save-shards", at_step, d.rank)
         ckpt.save_rng(ckpt_root / tag, d.rank)
         ckpt.fault("save-rng", at_step, d.rank)
+        if d.is_main:
+            engine.module.config.save_pretrained(ckpt_root / tag)  # what `lmforge export` rebuilds from
+        # DeepSpeed's torch.save does not fsync: a node that dies after the barrier could otherwise take
+        # shards still in its page cache with it, under a commit record that vouches for them
+        atomic.sync_tree(ckpt_root / tag)
         eng.barrier()  # ... and only once all of them are on disk does rank 0 commit
         ckpt.fault("save-commit", at_step, d.rank)
         if d.is_main:
-            engine.module.config.save_pretrained(ckpt_root / tag)  # what `lmforge export` rebuilds from
             ckpt.commit(ckpt_root / tag, {
                 "step": at_step, "samples": position, "tokens": tokens_seen, "world_size": d.world,
                 "zero_stage": eng.zero_stage(ds), "global_batch_size": global_batch, "seq_len": cfg.data.seq_len,
@@ -353,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         if logged:
             tracker.log(step, logged)
         # every rank's signal flag and the time budget, agreed in one collective per step
-        out_of_time = cfg.train.max_time is not None and time.perf_counter() - started > cfg.train.max_time
+        out_of_time = cfg.train.max_time is not None and time.perf_counter() - launched > cfg.train.max_time
         flag = max(stop_signal, default=0) or (OUT_OF_TIME if out_of_time else 0)
         stop = int(eng.all_reduce_max(float(flag), device)) if step < cfg.train.max_steps else 0
         if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or stop:

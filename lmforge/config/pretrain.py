@@ -133,7 +133,7 @@ class TrainConfig(StrictModel):
     max_bad_steps: int = Field(5, ge=1)
     """Abort after this many consecutive steps with a non-finite gradient norm (each one is skipped on all ranks)."""
     max_time: float | None = Field(None, gt=0)
-    """Wall-clock budget in seconds: at the first step past it, save a checkpoint and exit 0 (rerun to go on)."""
+    """Wall-clock budget in seconds from launch: at the first step past it, save a checkpoint and exit 0 (rerun to go on)."""
 
 
 class EvalConfig(StrictModel):

@@ -87,6 +87,14 @@ def test_rerun_resumes_from_the_latest_checkpoint_and_a_finished_run_is_left_alo
     assert steps == sorted(steps) and steps[-1] == 6 and steps.count(5) == 1
     assert json.loads((tmp_path / "run" / "final" / "lineage.json").read_text())["step"] == 6
 
+    # final/ from an earlier, shorter run (the export of step 6 never happened: killed during it) is not
+    # taken for the finished run: the rerun exports step 6 again
+    lineage = tmp_path / "run" / "final" / "lineage.json"
+    lineage.write_text(json.dumps({**json.loads(lineage.read_text()), "step": 4}))
+    stale = launch("pretrain", cfg, "train.max_steps=6")
+    assert stale.returncode == 0 and "already finished" not in stale.stdout, stale.stderr[-3000:]
+    assert "resumed from" in stale.stdout and json.loads(lineage.read_text())["step"] == 6
+
 
 def test_a_different_model_or_different_data_cannot_resume_a_run(tmp_path, tiny_data):
     import shutil
@@ -94,14 +102,31 @@ def test_a_different_model_or_different_data_cannot_resume_a_run(tmp_path, tiny_
     cfg = pretrain_config(tmp_path / "p.yaml", tiny_data, tmp_path / "run",
                           train={"max_steps": 2, "log_every": 1, "eval_every": 2, "save_every": 2})
     assert launch("pretrain", cfg).returncode == 0
+    saved = (tmp_path / "run" / "config.yaml").read_bytes()
     proc = launch("pretrain", cfg, "model.num_layers=3", "train.max_steps=4")
     assert proc.returncode == 2 and "was saved by a different model config" in proc.stderr
+    # the refused rerun left the run's config.yaml (which the message points to) as the run wrote it
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == saved
     other = tmp_path / "other_data"
     shutil.copytree(tiny_data, other)
     meta = json.loads((other / "meta.json").read_text())
     (other / "meta.json").write_text(json.dumps({**meta, "source_fingerprint": "something-else"}))
     proc = launch("pretrain", cfg, f"data.path={other}", "train.max_steps=4")
     assert proc.returncode == 2 and "was trained on different data (fingerprint" in proc.stderr
+
+
+def test_a_fresh_start_takes_the_datas_tokenizer_over_one_an_earlier_attempt_left(tmp_path, tiny_data):
+    """An attempt that died before its first checkpoint left a tokenizer from other data in the run folder."""
+    stale = tmp_path / "run" / "tokenizer"
+    stale.mkdir(parents=True)
+    (stale / "tokenizer.json").write_text('{"stale": true}')
+    cfg = pretrain_config(tmp_path / "p.yaml", tiny_data, tmp_path / "run",
+                          train={"max_steps": 2, "log_every": 1, "eval_every": 2, "save_every": 2})
+    proc = launch("pretrain", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data_tokenizer = (tiny_data / "tokenizer" / "tokenizer.json").read_bytes()
+    assert (stale / "tokenizer.json").read_bytes() == data_tokenizer
+    assert (tmp_path / "run" / "final" / "tokenizer.json").read_bytes() == data_tokenizer
 
 
 def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, tiny_data):

@@ -47,3 +47,27 @@ def test_remove_leftovers_deletes_only_temporaries(tmp_path):
     (tmp_path / "train" / "000000.bin").write_bytes(b"done")
     assert atomic.remove_leftovers(tmp_path) == 2
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["train", "train/000000.bin"]
+
+
+def test_publishing_over_an_existing_folder_swaps_it_whole_and_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "final"
+    atomic.publish_folder(out, lambda tmp: (tmp / "a.txt").write_text("old"))
+    atomic.publish_folder(out, lambda tmp: (tmp / "b.txt").write_text("new"))
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"] and (out / "b.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # neither the temporary nor the old one
+    # a kill between "old steps aside" and "new one in place" leaves the old folder under a temporary name,
+    # which the next run's clean-up deletes
+    aside = tmp_path / ".final.old.123.tmp"
+    aside.mkdir()
+    assert atomic.remove_leftovers(tmp_path) == 1 and not aside.exists()
+
+
+def test_sync_tree_reaches_every_file(tmp_path, monkeypatch):
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    for name in ("x", "d/y", "d/e/z"):
+        (tmp_path / name).write_text(name)
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    atomic.sync_tree(tmp_path)
+    assert {str(tmp_path / n) for n in ("x", "d/y", "d/e/z", "d", "d/e")} | {str(tmp_path)} == set(synced)

@@ -29,11 +29,19 @@ def test_deepspeed_config_injects_what_the_stage_owns():
     assert cfg["train_batch_size"] == 16 and cfg["train_micro_batch_size_per_gpu"] == 4
     assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 0.5
     assert cfg["bf16"] == {"enabled": True} and cfg["optimizer"]["params"]["lr"] == 1e-3
-    assert "torch_adam" not in cfg["optimizer"]["params"]  # GPU: DeepSpeed's fused Adam
+    # torch's fused AdamW kernel on GPU (DeepSpeed's FusedAdam would need nvcc at start-up) and on CPU
+    assert cfg["optimizer"]["params"]["torch_adam"] is True and cfg["optimizer"]["params"]["fused"] is True
     assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert zero == {"zero_optimization": {"stage": 3}}  # the file's dict is not modified
     cpu = ds_config({"zero_optimization": {"stage": 2}}, 1, 1, 2, torch.float32, OptimConfig(), torch.device("cpu"))
     assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["bf16"] == {"enabled": False}
+    assert cpu["optimizer"]["params"]["fused"] is True
+    # optimizer offload on a GPU: DeepSpeed's own multi-threaded CPU Adam
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    gpu_offload = ds_config(offload, 1, 1, 2, torch.bfloat16, OptimConfig(), torch.device("cuda"))
+    assert "torch_adam" not in gpu_offload["optimizer"]["params"]
+    assert ds_config(offload, 1, 1, 2, torch.float32, OptimConfig(), torch.device("cpu"))["optimizer"]["params"][
+        "torch_adam"] is True
 
 
 def fake_checkpoint(root, step, committed=True):
