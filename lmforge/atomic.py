@@ -66,12 +66,17 @@ def publish_folder(out: str | os.PathLike, fill: Callable[[Path], object]) -> No
 
 
 def sync_tree(folder: str | os.PathLike) -> None:
-    """fsync every file under `folder`, then the folders themselves (their entries are the file names)."""
+    """fsync every file under `folder`, then the folders themselves (their entries are the file names).
+    Ranks call it on a folder others may still be writing to: a file renamed away meanwhile is skipped
+    (its writer syncs it under its final name)."""
     folders = []
     for root, _, files in os.walk(folder):
         folders.append(root)
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
             try:
                 os.fsync(fd)
             finally:
