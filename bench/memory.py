@@ -1,7 +1,7 @@
 """ZeRO memory, the second half of the pretraining benchmark (`python bench/train.py` runs it).
 
 Resident memory of each of 2 ranks, ZeRO 0/1/2/3, in bf16 mixed precision and in fp32, for one Llama built
-here (micro batch 1, seq 32, 2 optimizer steps, torch AdamW) through lmforge's own engine
+here (micro batch 1, seq 32, 2 optimizer steps, torch's fused AdamW) through lmforge's own engine
 (`lmforge.engine.ds_config` + `initialize`), one launch per stage and precision.
 
 What is measured. RSS includes the Python/torch/DeepSpeed runtime, so a baseline launch that imports the same
@@ -23,7 +23,7 @@ buffers sized for GPU clusters, and allocator caching, do not pose as model stat
 communication buckets of 1e6 elements (the shipped files say 5e7); for ZeRO-3, max_live_parameters and
 max_reuse_distance the same (DeepSpeed's default, 1e9, keeps every gathered parameter between forward and
 backward) and `sub_group_size` the same (the optimizer steps over the rank's partition in pieces of that many
-elements, so the fp32 gradient and AdamW's temporaries exist for one piece at a time: a 7B model on 8 GPUs
+elements, so the fp32 gradient of the step (and any optimizer temporaries) exists for one piece at a time: a 7B model on 8 GPUs
 with the shipped 1e8 steps in 9 pieces); MALLOC_MMAP_THRESHOLD_=65536 (glibc hands freed blocks back at once,
 so RSS follows the live tensors). The model is large enough (~214M parameters) that the runtime's fixed
 buffers (DeepSpeed's shared-memory all-reduce workspace on CPU, 2 x 32 MB + 2 x 1 MB) are a few percent.
@@ -125,11 +125,9 @@ def theory(n: int, world: int, precision: str) -> dict[int, dict]:
     extra = {
         # stage 0: DeepSpeed all-reduces the gradients through one flat copy
         0: 4 * n,
-        # stages 1-2: DeepSpeed's own fp32 copy of the rank's partition (a clone, in fp32 training too) and
-        # torch AdamW's sqrt(v) and division temporaries over that flat partition (up to 2 x 4N/W)
-        1: 12 * n / world, 2: 12 * n / world,
-        # stage 3: the same copy; the temporaries cover one sub-group at a time (BUCKET elements)
-        3: 4 * n / world + 8 * BUCKET,
+        # stages 1-3: DeepSpeed's own fp32 copy of the rank's partition (a clone, in fp32 training too);
+        # torch's fused AdamW, which lmforge injects, updates in place and allocates nothing more
+        1: 4 * n / world, 2: 4 * n / world, 3: 4 * n / world,
     }
     return {s: {"theory_bytes": round(b), "deepspeed_expected_bytes": round(b + extra[s])} for s, b in textbook.items()}
 
@@ -182,7 +180,7 @@ def table(mem: dict, target: float, met: str) -> list[str]:
         "",
         f"Memory: resident memory per rank for a {n / 1e6:.0f}M-parameter Llama ({mem['model']['hidden_size']} "
         f"hidden, {mem['model']['num_layers']} layers, vocab {mem['vocab_size']:,}), {w} ranks, micro batch 1, seq "
-        f"{mem['seq_len']}, {mem['steps']} optimizer steps, torch AdamW, through lmforge's engine (`bench/memory.py`). "
+        f"{mem['seq_len']}, {mem['steps']} optimizer steps, torch's fused AdamW, through lmforge's engine (`bench/memory.py`). "
         "**Model states = training peak RSS - baseline**: the training peak is VmHWM over the steps (reset after "
         "DeepSpeed's initialize, whose start-up peak is its own column), the baseline the peak RSS of a launch that "
         "imports the same libraries and joins the process group but builds nothing "
@@ -190,10 +188,10 @@ def table(mem: dict, target: float, met: str) -> list[str]:
         "buffers are included. Theory: 16 bytes/param split as ZeRO divides it. In bf16 mixed precision (the ZeRO "
         "paper's account: 16-bit weights and grads, fp32 master weights and Adam moments) 0: 16N; 1: 4N + 12N/W; "
         "2: 2N + 14N/W; 3: 16N/W. In fp32 (weights, grads, moments) 0: 16N; 1: 8N + 8N/W; 2: 4N + 12N/W; "
-        "3: 16N/W; *DeepSpeed expected* adds what DeepSpeed and torch's AdamW hold by design: stage 0 all-reduces "
-        "every gradient through one flat copy (+4N); stages 1-3 keep an fp32 copy of the rank's partition even in "
-        "fp32 training (+4N/W), and torch's AdamW allocates sqrt(v) and a quotient the size of the partition it "
-        "steps (+8N/W in stages 1-2; one ZeRO-3 sub-group at a time). Measurement settings (the benchmark's own "
+        "3: 16N/W; *DeepSpeed expected* adds what DeepSpeed holds by design: stage 0 all-reduces every gradient "
+        "through one flat copy (+4N); stages 1-3 keep an fp32 copy of the rank's partition even in fp32 training "
+        "(+4N/W). The optimizer is torch's fused AdamW (what lmforge injects), which updates in place: no "
+        "temporaries the size of the partition. Measurement settings (the benchmark's own "
         f"JSON copies): communication buckets, and for ZeRO-3 the live/reuse limits and `sub_group_size`, at "
         f"{mem['bucket_elements']:,} elements, the shipped files' values scaled to this model; glibc returns freed "
         "blocks over 64 KB at once (`MALLOC_MMAP_THRESHOLD_=65536`), so RSS follows the live tensors.",
