@@ -65,8 +65,17 @@ def publish_folder(out: str | os.PathLike, fill: Callable[[Path], object]) -> No
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync one file, or a folder (its entries: the names of what was renamed into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sync_tree(folder: str | os.PathLike) -> None:
-    """fsync every file under `folder`, then the folders themselves (their entries are the file names).
+    """fsync every file under `folder`, then the folders themselves.
     Ranks call it on a folder others may still be writing to: a file renamed away meanwhile is skipped
     (its writer syncs it under its final name)."""
     folders = []
@@ -74,19 +83,11 @@ def sync_tree(folder: str | os.PathLike) -> None:
         folders.append(root)
         for name in files:
             try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                fsync_path(os.path.join(root, name))
             except FileNotFoundError:
                 continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
     for root in reversed(folders):
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(root)
 
 
 def remove_leftovers(folder: str | os.PathLike) -> int:

@@ -85,11 +85,7 @@ def commit(folder: Path, record: dict) -> None:
     """Rank 0, after every rank has written its shards: make the checkpoint visible."""
     atomic.write_json(folder / RECORD, {"format": FORMAT, "saved_at": time.time(), **record})
     for path in (folder, folder.parent):  # the record's rename (and the step folder's name) survive a power cut
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic.fsync_path(path)
 
 
 def exported_step(final: Path) -> int | None:
