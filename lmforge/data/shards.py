@@ -13,7 +13,10 @@ so a crash leaves either a complete file or a `.tmp` one that nothing reads.
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -55,13 +58,23 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
 
 
 class TokenShards:
-    """One split of a tokenized dataset, memory-mapped, as one global stream of tokens.
+    """One split of a tokenized dataset, read through memory maps, as one global stream of tokens.
 
     `window(i, seq_len)` gives `seq_len + 1` tokens starting at token `i * seq_len` (inputs and
     shifted targets), crossing shard boundaries where needed. Nothing is loaded into memory.
+
+    Built for corpora of tens of thousands of shards read by hundreds of ranks: construction reads
+    only meta.json (sizes and document counts are recorded there), so it opens and stats no shard
+    file; a `.bin` is mapped when first read, its size checked then, and at most `max_open` maps
+    (one descriptor each) are held, least recently used closed first. `.idx` files are only read by
+    `document()`, a few at a time. Reads return copies, so no caller's array pins a map.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, split: str = "train"):
+    IDX_CACHE = 8  # document indexes held in memory (8 bytes per document each); training reads none
+
+    def __init__(self, data_dir: str | os.PathLike, split: str = "train", max_open: int = 64):
+        if max_open < 1:
+            raise ValueError(f"max_open must be at least 1, got {max_open}")
         self.dir = Path(data_dir)
         self.meta = read_meta(self.dir)
         if split not in self.meta["splits"]:
@@ -70,39 +83,111 @@ class TokenShards:
         self.dtype = np.dtype(self.meta["dtype"])
         self.vocab_size = int(self.meta["tokenizer"]["vocab_size"])
         self.eos_id = int(self.meta["tokenizer"]["eos_id"])
-        self._tokens, self._ends = [], []
-        for shard in self.meta["splits"][split]["shards"]:
-            path = self.dir / shard["file"]
-            expected = shard["tokens"] * self.dtype.itemsize
-            if not path.exists() or path.stat().st_size != expected:
-                size = path.stat().st_size if path.exists() else "missing"
-                raise ShardError(f"{path}: expected {expected} bytes, found {size}; the data folder is damaged "
-                                 "(delete it and rerun `lmforge tokenize`)")
-            self._tokens.append(np.memmap(path, dtype=self.dtype, mode="r"))
-            self._ends.append(np.memmap(path.with_suffix(".idx"), dtype="<u8", mode="r"))
-        sizes = [t.size for t in self._tokens]
+        records = self.meta["splits"][split]["shards"]
+        try:
+            self._files = [str(r["file"]) for r in records]
+            sizes = np.array([int(r["tokens"]) for r in records], dtype=np.int64)
+            doc_counts = np.array([int(r["documents"]) for r in records], dtype=np.int64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ShardError(f"{self.dir / 'meta.json'}: splits.{split}.shards has a record without a "
+                             f"valid 'file', 'tokens' and 'documents' ({type(e).__name__}: {e}); the data "
+                             "folder is damaged or from another tool (delete it and rerun `lmforge tokenize`)"
+                             ) from None
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # global offset of each shard
-        doc_counts = [e.size for e in self._ends]
         self._doc_starts = np.concatenate([[0], np.cumsum(doc_counts)]).astype(np.int64)
         self.num_tokens = int(self.starts[-1])
         self.num_documents = int(self._doc_starts[-1])
+        self.max_open = max_open
+        self._maps: OrderedDict[int, tuple[np.ndarray, mmap.mmap | None]] = OrderedDict()  # shard: array, map
+        self._idx: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # a prefetching thread may read while the main thread does
 
     def __len__(self) -> int:
         return self.num_tokens
 
+    def _damaged(self, path: Path, expected: int, found) -> ShardError:
+        return ShardError(f"{path}: expected {expected} bytes, found {found}; the data folder is damaged "
+                          "(delete it and rerun `lmforge tokenize`)")
+
+    def _shard(self, shard: int) -> np.ndarray:
+        """Shard `shard`'s tokens, mapped on first use; the caller holds `self._lock`."""
+        if shard in self._maps:
+            self._maps.move_to_end(shard)
+            return self._maps[shard][0]
+        path = self.dir / self._files[shard]
+        expected = int(self.starts[shard + 1] - self.starts[shard]) * self.dtype.itemsize
+        try:
+            with open(path, "rb") as f:
+                found = os.fstat(f.fileno()).st_size  # checked here, not at construction: no stat storm
+                if found != expected:
+                    raise self._damaged(path, expected, found)
+                # mmap cannot map an empty file; the map keeps its own descriptor, `f`'s closes here
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if expected else None
+        except FileNotFoundError:
+            raise self._damaged(path, expected, "missing") from None
+        little = self.dtype.newbyteorder("<")  # the file's byte order (module doc)
+        array = np.frombuffer(mapped, dtype=little) if mapped else np.empty(0, self.dtype)
+        self._maps[shard] = (array, mapped)
+        while len(self._maps) > self.max_open:
+            self._evict(next(iter(self._maps)))  # the least recently used
+        return array
+
+    def _evict(self, shard: int) -> None:
+        """Unmap shard `shard` and close its descriptor now, not whenever the garbage collector runs."""
+        array, mapped = self._maps.pop(shard)
+        del array  # it holds a buffer export of the map: the map can only close once it is gone
+        if mapped is not None:
+            try:
+                mapped.close()
+            except BufferError:  # a view of it is still alive (reads return copies, so none should be):
+                pass  # it unmaps when the last view goes
+
+    def close(self) -> None:
+        """Release every map and cached index (reading again reopens what it needs)."""
+        with self._lock:
+            for shard in list(self._maps):
+                self._evict(shard)
+            self._idx.clear()
+
+    def __enter__(self) -> TokenShards:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def verify(self) -> None:
+        """Check every shard file's size against meta.json (one stat per file; `ShardError` if damaged).
+
+        Reading checks each shard when it is first mapped; this checks them all up front, for a
+        caller that wants damage found before any work (one rank, not all of them: on a parallel
+        filesystem, a stat per shard per rank is a metadata storm)."""
+        for shard, file in enumerate(self._files):
+            path = self.dir / file
+            tokens = int(self.starts[shard + 1] - self.starts[shard])
+            documents = int(self._doc_starts[shard + 1] - self._doc_starts[shard])
+            expect = ((path, tokens * self.dtype.itemsize), (path.with_suffix(".idx"), 8 * documents))
+            for p, expected in expect:
+                try:
+                    found = p.stat().st_size
+                except FileNotFoundError:
+                    found = "missing"
+                if found != expected:
+                    raise self._damaged(p, expected, found)
+
     def tokens(self, start: int, stop: int) -> np.ndarray:
-        """Global tokens [start, stop) as one array (a copy only when it spans shards)."""
+        """Global tokens [start, stop) as a new array (native byte order)."""
         if not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(f"tokens [{start}, {stop}) outside 0..{self.num_tokens}")
-        first = int(np.searchsorted(self.starts, start, side="right")) - 1
-        pieces, pos = [], start
-        for shard in range(max(first, 0), len(self._tokens)):
-            if pos >= stop:
-                break
-            lo, hi = pos - self.starts[shard], min(stop, self.starts[shard + 1]) - self.starts[shard]
-            pieces.append(self._tokens[shard][lo:hi])
-            pos = self.starts[shard] + hi
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.empty(0, self.dtype)
+        out = np.empty(stop - start, dtype=self.dtype)
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pos = start
+        with self._lock:
+            while pos < stop:
+                lo, hi = pos - self.starts[shard], min(stop, self.starts[shard + 1]) - self.starts[shard]
+                out[pos - start:pos - start + hi - lo] = self._shard(shard)[lo:hi]
+                pos += hi - lo
+                shard += 1
+        return out
 
     def num_windows(self, seq_len: int) -> int:
         """How many `seq_len + 1`-token windows fit, stepping `seq_len` tokens (no overlap of targets)."""
@@ -113,10 +198,31 @@ class TokenShards:
             raise IndexError(f"window {index} outside 0..{self.num_windows(seq_len) - 1} (seq_len {seq_len})")
         return self.tokens(index * seq_len, index * seq_len + seq_len + 1)
 
+    def _ends(self, shard: int) -> np.ndarray:
+        """Shard `shard`'s document end offsets, read whole on first use; the caller holds `self._lock`."""
+        if shard in self._idx:
+            self._idx.move_to_end(shard)
+            return self._idx[shard]
+        path = (self.dir / self._files[shard]).with_suffix(".idx")
+        count = int(self._doc_starts[shard + 1] - self._doc_starts[shard])
+        try:
+            ends = np.fromfile(path, dtype="<u8")
+        except FileNotFoundError:
+            raise self._damaged(path, count * 8, "missing") from None
+        if ends.size != count:
+            raise self._damaged(path, count * 8, path.stat().st_size)
+        self._idx[shard] = ends
+        while len(self._idx) > self.IDX_CACHE:
+            self._idx.popitem(last=False)
+        return ends
+
     def document(self, index: int) -> np.ndarray:
         """Document `index` (global), its trailing EOS included."""
+        if not 0 <= index < self.num_documents:
+            raise IndexError(f"document {index} outside 0..{self.num_documents - 1}")
         shard = int(np.searchsorted(self._doc_starts, index, side="right")) - 1
         local = index - self._doc_starts[shard]
-        ends = self._ends[shard]
-        start = int(ends[local - 1]) if local > 0 else 0
-        return self._tokens[shard][start:int(ends[local])]
+        with self._lock:
+            ends = self._ends(shard)
+            start = int(ends[local - 1]) if local > 0 else 0
+            return self._shard(shard)[start:int(ends[local])].copy()
