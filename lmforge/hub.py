@@ -7,6 +7,11 @@ branch of the repo, created when missing, so a run's intermediate exports sit be
 
 Secrets never reach the Hub or the terminal: the card is scrubbed of tokens before it is written, and
 the token itself is never printed, not even inside an error.
+
+No absolute local path reaches the Hub either (it names users, home folders and cluster layout): the
+card renders an absolute path as its last two components (`/home/ann/runs/demo/final` becomes
+`.../demo/final`), and `push` uploads README.md and lineage.json rewritten the same way; the files on
+disk keep their full paths. Paths relative to the run folder pass through unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from huggingface_hub import ModelCardData, constants, get_token
+from huggingface_hub import CommitOperationAdd, ModelCardData, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -39,6 +44,41 @@ SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 _HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{30,}")
 _ASSIGNMENT_RE = re.compile(r"\b(" + "|".join(SECRET_ENV_VARS) + r")(\s*[=:]\s*)(['\"]?)[^\s'\"]+\3",
                             re.IGNORECASE)
+
+
+# An absolute POSIX path: a `/` that starts a token (not one inside a URL, a relative path or `a/b`),
+# then path components up to a space, a quote or markdown/YAML punctuation.
+_ABS_PATH_RE = re.compile(r"(?<![\w.~/:\\-])/[^\s/'\"`<>|;,()\[\]{}]+(?:/[^\s/'\"`<>|;,()\[\]{}]+)*/?")
+KEPT_PATH_PARTS = 2  # components kept of an absolute path: `run/final`, not the folders above it
+
+
+def short_path(path: str) -> str:
+    """An absolute path as `.../<its last KEPT_PATH_PARTS components>`; the home folder's own components
+    are never kept (`/home/ann` becomes `...`)."""
+    parts = [p for p in path.split("/") if p]
+    home = [p for p in os.path.expanduser("~").split("/") if p]
+    if home and parts[:len(home)] == home:
+        parts = parts[len(home):]
+    kept = parts[-KEPT_PATH_PARTS:]
+    return "/".join(["...", *kept])
+
+
+def scrub_paths(text: str) -> str:
+    """`text` with every absolute local path shortened by `short_path`; relative paths, URLs and `a/b`
+    are left alone."""
+    return _ABS_PATH_RE.sub(lambda m: short_path(m[0]), text)
+
+
+def scrub_paths_json(value):
+    """A JSON value (dicts and lists, nested) with absolute paths shortened: a string that is a whole
+    absolute path (spaces included) by `short_path`, any other string by `scrub_paths`. Keys are kept."""
+    if isinstance(value, dict):
+        return {k: scrub_paths_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_paths_json(v) for v in value]
+    if isinstance(value, str):
+        return short_path(value) if value.startswith("/") and "\n" not in value else scrub_paths(value)
+    return value
 
 
 def scrub_secrets(text: str, *extra: str | None) -> str:
@@ -73,7 +113,8 @@ INFO_KEYS = {
     "metrics": "dict name -> float, e.g. {'val_loss': 3.21, 'val_perplexity': 24.8}",
     "command": "the command line that produced the model (str)",
     "config_yaml": "the resolved config (str)",
-    "parent": "parent checkpoint: a Hub model id (becomes base_model) or a local path",
+    "parent": "parent checkpoint: a Hub model id (becomes base_model) or a local path (an absolute one is "
+              "shortened to its last two components, as is every absolute path in the card)",
     "license": "license id for the front matter, e.g. apache-2.0",
     "repo_id": "ORG/NAME used in the loading snippet (default: a placeholder)",
 }
@@ -131,7 +172,7 @@ def _table(rows: list[tuple[str, object]], header: tuple[str, str] = ("", "")) -
 
 
 def model_card(info: dict) -> str:
-    """The README.md text for `info` (see INFO_KEYS), scrubbed of secrets."""
+    """The README.md text for `info` (see INFO_KEYS), scrubbed of secrets and of absolute local paths."""
     missing = [k for k in REQUIRED_INFO if info.get(k) is None]
     if missing:
         raise ValueError(f"model card info lacks {', '.join(missing)} (required: {', '.join(REQUIRED_INFO)})")
@@ -193,7 +234,7 @@ def model_card(info: dict) -> str:
     parent = f" The parent checkpoint is `{get('parent')}`." if get("parent") else ""
     lines += ["## Lineage", "", "`lineage.json` beside this card records the tokenizer hash, data fingerprint, "
               f"parent checkpoint, git commit and config hash of every upstream stage.{parent}", ""]
-    return scrub_secrets("\n".join(lines))
+    return scrub_paths(scrub_secrets("\n".join(lines)))
 
 
 def write_model_card(folder: Path, info: dict) -> None:
@@ -257,6 +298,23 @@ def tree_url(repo_id: str, revision: str | None = None) -> str:
     return f"{constants.ENDPOINT}/{repo_id}/tree/{quote(revision or 'main', safe='')}"
 
 
+# Files lmforge writes with local facts in them (paths of the run, its data and its parent): `push`
+# uploads them rewritten by `public_text`. Other files go up byte for byte: a tokenizer's vocabulary
+# may hold a token such as "/usr", which must not change.
+REWRITTEN_ON_PUSH = ("README.md", "lineage.json")
+
+
+def public_text(name: str, text: str) -> str:
+    """What `push` uploads for `name` (one of REWRITTEN_ON_PUSH) whose local content is `text`: absolute
+    paths shortened and secrets scrubbed. lineage.json keeps its JSON layout (indent 2, sorted keys)."""
+    if name == "lineage.json":
+        try:
+            return json.dumps(scrub_paths_json(json.loads(text)), indent=2, sort_keys=True) + "\n"
+        except ValueError:  # not JSON (hand-edited?): still no path goes up
+            pass
+    return scrub_paths(scrub_secrets(text))
+
+
 def _literal(name: str) -> str:
     """An fnmatch pattern that matches exactly `name` (upload_folder's patterns are globs)."""
     return re.sub(r"([*?\[])", r"[\1]", name)
@@ -288,10 +346,20 @@ def push(folder: str | os.PathLike, repo_id: str, revision: str | None = None, p
          dry_run: bool = False, api=None) -> list[str]:
     """Upload an exported Hugging Face folder to `repo_id`, on branch `revision` (created when missing)
     or on main; returns the uploaded files' names, sorted. `dry_run` checks everything it can offline
-    and returns what would be uploaded, without calling the Hub. `api`: an HfApi (tests pass a fake)."""
+    and returns what would be uploaded, without calling the Hub. `api`: an HfApi (tests pass a mock).
+
+    Two steps: `upload_folder` sends the weights, config and tokenizer (huggingface_hub's resumable, possibly
+    multi-commit upload), then one `create_commit` adds README.md and lineage.json as `public_text`
+    rewrites them, so the card appears once the weights are there."""
     folder = Path(folder)
     check_repo_id(repo_id)
     names = [name for name, _ in upload_plan(folder)]
+    rewritten = {}  # read before any call: an unreadable card fails here, not between the two commits
+    for name in (n for n in names if n in REWRITTEN_ON_PUSH):
+        try:
+            rewritten[name] = public_text(name, (folder / name).read_text(encoding="utf-8")).encode("utf-8")
+        except UnicodeDecodeError as e:
+            raise HubError(f"{folder / name}: not UTF-8 text ({e.reason}); re-run `lmforge export`") from None
     if dry_run:
         return names
     token = get_token()
@@ -312,8 +380,13 @@ def push(folder: str | os.PathLike, repo_id: str, revision: str | None = None, p
             api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
         action = "uploading"
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=branch, repo_type="model",
-                          allow_patterns=[_literal(n) for n in names], ignore_patterns=list(NEVER_UPLOAD),
-                          commit_message=message)
+                          allow_patterns=[_literal(n) for n in names if n not in rewritten],
+                          ignore_patterns=list(NEVER_UPLOAD), commit_message=message)
+        if rewritten:
+            action = f"uploading {' and '.join(rewritten)}"
+            api.create_commit(repo_id, operations=[CommitOperationAdd(path_in_repo=n, path_or_fileobj=data)
+                                                   for n, data in rewritten.items()],
+                              commit_message=f"{message}: {', '.join(rewritten)}", revision=branch, repo_type="model")
     except _HUB_ERRORS as e:
         raise _hub_failure(e, action, repo_id, token) from None
     return names

@@ -4,6 +4,8 @@ Every rank builds a `Tracker`; only rank 0 does anything (other ranks never impo
 file). What rank 0 writes, all under RUN_DIR:
 
     metrics.jsonl   one JSON object per `log()` / `log_text()` call: {"step": N, <the keys sent to W&B>}.
+                    Strict JSON: a NaN or infinite value (e.g. the loss of a window of only skipped steps)
+                    is written as `null`; W&B still gets the float.
                     Appended and flushed line by line, so a crash loses at most the line being written.
                     On resume the lines at or after the resumed step are dropped first (and a fresh start
                     drops them all), so the file equals an uninterrupted run's.
@@ -146,8 +148,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def strict_json(value: Any) -> Any:
+    """`value` (dicts and lists, nested) made fit for strict JSON: numpy/torch numbers become Python ones
+    and non-finite floats (NaN, +-inf) become None, which `json.dumps` writes as `null`. Python's json
+    would otherwise write the bare `NaN` / `Infinity` that no strict reader (jq, JavaScript, Go, ...) parses."""
+    value = _plain(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def _json_line(record: dict) -> str:
+    # allow_nan=False: a non-finite float that strict_json missed fails loudly instead of writing `NaN`
+    return json.dumps(strict_json(record), default=str, allow_nan=False) + "\n"
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a metrics.jsonl; a torn last line (a crash mid-write) or a line without a step is skipped."""
+    """The records of a metrics.jsonl; a torn last line (a crash mid-write) or a line without a step is skipped.
+    A value logged as NaN or inf reads back as None (written as `null`); a file from before that, with bare
+    `NaN`, still reads (as float NaN)."""
     records = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -189,7 +212,7 @@ class Tracker:
         path = self.run_dir / METRICS_FILE
         if path.exists():
             keep = [] if resume_step is None else [r for r in read_metrics(path) if r["step"] < resume_step]
-            atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+            atomic.write_text(path, "".join(_json_line(r) for r in keep))  # an older file's NaN becomes null
         self._file = open(path, "a", encoding="utf-8", buffering=1)  # line-buffered: flushed per record
 
     def _start_wandb(self, job_type: str, config: dict, run_id: str | None, resume_step: int | None) -> None:
@@ -223,7 +246,7 @@ class Tracker:
               file=sys.stderr, flush=True)
 
     def _write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, default=str) + "\n")
+        self._file.write(_json_line(record))
         self._file.flush()
 
     def _send(self, step: int, make: Callable[[Any], dict]) -> None:
@@ -242,8 +265,8 @@ class Tracker:
         if not self.enabled or self._finished:
             return
         values = {k: _plain(v) for k, v in metrics.items() if k != "step"}
-        self._write({"step": int(step), **values})
-        self._send(int(step), lambda _: values)
+        self._write({"step": int(step), **values})  # non-finite values as null
+        self._send(int(step), lambda _: values)  # W&B keeps the float: it shows NaN and inf itself
 
     def log_text(self, step: int, key: str, text: str) -> None:
         """Record a generated sample: the text in metrics.jsonl, an HTML panel (with a step slider) in W&B."""

@@ -234,3 +234,52 @@ def test_auto_mode_goes_online_only_with_credentials(tmp_path, monkeypatch):
     t = Tracker(tmp_path / "run", TrackingConfig(), "pretrain", {}, rank=0)
     t.finish()
     assert t.run_id is None and not (tmp_path / "run" / "wandb").exists()
+
+
+def _refuse_non_standard(constant: str):
+    raise ValueError(f"not strict JSON: {constant}")
+
+
+def test_metrics_jsonl_is_strict_json_with_null_for_non_finite_values_while_wandb_gets_the_floats(tmp_path):
+    sent = []
+
+    class FakeRun:  # stands in for a live W&B run: records what `log` was given
+        def log(self, values, step):
+            sent.append((step, values))
+
+        def finish(self, exit_code=0):
+            pass
+
+    run_dir = tmp_path / "run"
+    t = Tracker(run_dir, TrackingConfig(wandb=False), "pretrain", {}, rank=0)
+    t._run = FakeRun()
+    t.log(1, {"train/loss": float("nan"), "train/grad_norm": float("inf"), "train/mfu": np.float32("-inf"),
+              "train/lr": 1e-3, "eval": {"val/loss": float("nan"), "per_task": [1.0, float("inf")]}})
+    t.log(2, {"train/loss": np.float64("nan"), "train/tokens": np.int64(4096)})
+    t.finish()
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=_refuse_non_standard) for line in lines]  # raises on NaN/Infinity
+    assert records == [{"step": 1, "train/loss": None, "train/grad_norm": None, "train/mfu": None, "train/lr": 1e-3,
+                        "eval": {"val/loss": None, "per_task": [1.0, None]}},
+                       {"step": 2, "train/loss": None, "train/tokens": 4096}]
+    assert read_metrics(run_dir / "metrics.jsonl") == records
+    (step, values), _ = sent
+    assert step == 1 and np.isnan(values["train/loss"]) and values["train/grad_norm"] == float("inf")
+    assert values["train/mfu"] == float("-inf") and np.isnan(values["eval"]["val/loss"])
+    assert np.isnan(sent[1][1]["train/loss"])
+
+
+def test_resume_rewrites_an_older_file_with_bare_nan_as_strict_json_and_plots_skip_nulls(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "train/loss": NaN, "train/lr": 0.001}\n'
+                                           '{"step": 2, "train/loss": 2.5, "train/lr": Infinity}\n'
+                                           '{"step": 3, "train/loss": 2.0}\n')
+    with Tracker(run_dir, TrackingConfig(wandb=False), "pretrain", {}, rank=0, resume_step=3) as t:
+        t.log(3, {"train/loss": 1.5, "train/lr": 1e-3})
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line, parse_constant=_refuse_non_standard) for line in lines] == [
+        {"step": 1, "train/loss": None, "train/lr": 0.001}, {"step": 2, "train/loss": 2.5, "train/lr": None},
+        {"step": 3, "train/loss": 1.5, "train/lr": 1e-3}]
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["loss.png", "lr.png"]
