@@ -88,6 +88,58 @@ def commit(folder: Path, record: dict) -> None:
         atomic.fsync_path(path)
 
 
+@dataclass(frozen=True)
+class Retention:
+    """Which complete checkpoints to keep (see `prune`)."""
+
+    keep_last: int
+    keep_every: int | None = None
+    pinned: tuple[int, ...] = ()
+
+
+def save(engine, root: Path, step: int, dist, record: dict, retention: Retention, say=print, owned=None) -> float:
+    """Save step `step` by the lmforge protocol, on every rank (a collective); returns its wall seconds.
+
+    1. refuse non-finite weights (nothing to resume from); 2. every rank writes its DeepSpeed shards and
+    its RNG state, and fsyncs **the files it wrote** (an fsync from a node that did not write a file
+    flushes nothing, and W ranks syncing every file would be ~2W^2 fsyncs per save on a parallel
+    filesystem); 3. a barrier; 4. rank 0 writes the HF config, fsyncs the folders, commits `record`
+    (the checkpoint now exists) and prunes. `dist` is the run's `engine.Dist`; `owned()` (rank 0) says
+    whether this launch still holds the run folder: a launch that lost it commits nothing."""
+    from lmforge import engine as eng
+
+    began = time.perf_counter()
+    tag = tag_for(step)
+    if not eng.weights_finite(engine):  # never write what could not be resumed from
+        raise CheckpointError(f"non-finite weights at step {step}: not saving over {root}")
+    fault("save-begin", step, dist.rank)
+    written = eng.save_checkpoint(engine, root, tag, die_mid_write=fault_requested("save-mid-shards", step, dist.rank))
+    fault("save-shards", step, dist.rank)
+    save_rng(root / tag, dist.rank)
+    fault("save-rng", step, dist.rank)
+    for path in written:  # DeepSpeed's torch.save does not fsync
+        atomic.fsync_path(path)
+    if dist.is_main:
+        config = engine.module.config
+        config.architectures = [type(engine.module).__name__]  # what `lmforge export` rebuilds from
+        config.save_pretrained(root / tag)
+        atomic.fsync_path(root / tag / "config.json")
+    eng.barrier()  # ... and only once every rank's files are on disk does rank 0 commit
+    if not eng.broadcast_object(owned() if dist.is_main and owned else True):
+        raise CheckpointError(f"{root}: another launch took over this run folder; step {step} is not committed")
+    fault("save-commit", step, dist.rank)
+    if dist.is_main:
+        for folder, _, _ in os.walk(root / tag, topdown=False):  # the entries of the folders DeepSpeed made
+            atomic.fsync_path(folder)
+        commit(root / tag, {"step": step, "world_size": dist.world, **record})
+        fault("save-committed", step, dist.rank)
+        for gone in prune(root, retention.keep_last, retention.keep_every, retention.pinned):
+            say(f"removed old checkpoint {gone.name}")
+        fault("save-pruned", step, dist.rank)
+    eng.barrier()
+    return time.perf_counter() - began
+
+
 def exported_step(final: Path) -> int | None:
     """The step an HF folder written by this run was exported at (its lineage.json), or None if there is
     no complete export: a rerun that extends max_steps must export again."""
@@ -101,7 +153,11 @@ def prune(root: Path, keep_last: int, keep_every: int | None = None, pinned: tup
     """Delete complete checkpoints beyond the `keep_last` newest, except those at multiples of
     `keep_every` and the `pinned` steps (rank 0 only); returns what went. The newest complete one is
     never deleted. Folders without a record are left to `remove_incomplete`, which runs only when
-    nothing is being written."""
+    nothing is being written.
+
+    A doomed checkpoint first leaves the complete set by a rename (`.step-N.pruned.tmp`, which no reader
+    looks at and the next start-up deletes) and only then is deleted: a kill mid-delete never leaves a
+    folder that holds its commit record but not all of its shards."""
     found = complete(root)
     keep_last = max(1, keep_last)
 
@@ -110,7 +166,10 @@ def prune(root: Path, keep_last: int, keep_every: int | None = None, pinned: tup
 
     doomed = [c.path for c in found[:-keep_last] if not kept(c)]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        aside = path.parent / f".{path.name}.pruned{atomic.TMP_SUFFIX}"
+        os.replace(path, aside)
+        atomic.fsync_path(path.parent)  # the rename is durable before any shard goes
+        shutil.rmtree(aside, ignore_errors=True)
     return doomed
 
 
@@ -156,15 +215,22 @@ def save_rng(folder: Path, rank: int) -> None:
         tensors["cuda"] = torch.cuda.get_rng_state()
     tmp = folder / f".rng-rank{rank}.safetensors{atomic.TMP_SUFFIX}"
     save_file(tensors, str(tmp))
+    atomic.fsync_path(tmp)  # this rank wrote it: this rank makes it durable (see `save`)
     os.replace(tmp, folder / f"rng-rank{rank}.safetensors")
 
 
-def load_rng(folder: Path, rank: int) -> bool:
-    """Restore this rank's RNG state; False when the checkpoint has none for this rank (world size changed)."""
+def rng_ranks(folder: Path) -> set[int]:
+    """The ranks that saved an RNG state in `folder` (read on rank 0 and broadcast: one view for all)."""
+    return {int(p.stem.removeprefix("rng-rank")) for p in Path(folder).glob("rng-rank*.safetensors")}
+
+
+def load_rng(folder: Path, rank: int, saved: set[int] | None = None) -> bool:
+    """Restore this rank's RNG state; False when the checkpoint has none for this rank (world size changed).
+    `saved` is `rng_ranks(folder)` as rank 0 saw it: every rank then decides from the same view."""
     from safetensors.torch import load_file
 
     path = folder / f"rng-rank{rank}.safetensors"
-    if not path.exists():
+    if rank not in (rng_ranks(folder) if saved is None else saved):
         return False
     tensors = load_file(str(path))
     torch.set_rng_state(tensors["cpu"])
@@ -194,11 +260,28 @@ def git_commit(path: Path | None = None) -> str | None:
     return run.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def export_hf(out: Path, hf_config, state_dict: dict, tokenizer_dir: Path, lineage: dict, card: dict | None,
-              eos_id: int | None = None, pad_id: int | None = None) -> None:
-    """Write `out` as a Hugging Face folder (safetensors, config, tokenizer, generation config,
-    lineage.json, model card), published atomically: `out` is whole or absent."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+def model_class(hf_config):
+    """The transformers class that `hf_config` was saved from (`config.architectures`), e.g.
+    `LlamaForCausalLM` or `GPT2ForSequenceClassification`: export and reload use the model's own task."""
+    import transformers
+
+    names = getattr(hf_config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        raise CheckpointError(f"model config names architectures {names!r}; expected one transformers class "
+                              "(e.g. LlamaForCausalLM)")
+    return cls
+
+
+def generative(hf_config) -> bool:
+    return model_class(hf_config).__name__.endswith("ForCausalLM")
+
+
+def export_hf(out: Path, hf_config, state_dict: dict, tokenizer_dir: Path, lineage: dict, card: dict | None) -> None:
+    """Write `out` as a Hugging Face folder (safetensors, config, tokenizer, a generation config for
+    generative models, lineage.json, model card), published atomically: `out` is whole or absent. The
+    class comes from `hf_config.architectures`; special token ids from the config itself."""
+    from transformers import GenerationConfig
 
     from lmforge.hub import write_model_card
 
@@ -207,21 +290,103 @@ def export_hf(out: Path, hf_config, state_dict: dict, tokenizer_dir: Path, linea
         raise CheckpointError(f"refusing to export non-finite weights ({', '.join(bad[:5])}{'...' if len(bad) > 5 else ''})")
     dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
     hf_config.dtype = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    cls = model_class(hf_config)
 
     def fill(tmp: Path) -> None:
         with torch.device("meta"):  # no second copy of the weights: the state dict is what gets written
-            model = AutoModelForCausalLM.from_config(hf_config)
+            model = cls(hf_config).to(getattr(torch, hf_config.dtype))  # save_pretrained records the model's dtype
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, tmp / name)
-        GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id,
-                         pad_token_id=pad_id if pad_id is not None else eos_id).save_pretrained(tmp)
+        if generative(hf_config):
+            eos, pad = hf_config.eos_token_id, hf_config.pad_token_id
+            GenerationConfig(bos_token_id=getattr(hf_config, "bos_token_id", None) or eos, eos_token_id=eos,
+                             pad_token_id=pad if pad is not None else eos).save_pretrained(tmp)
         (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
         if card is not None:
             write_model_card(tmp, card)
 
     atomic.publish_folder(out, fill)
+
+
+def parity(folder: Path, input_ids: torch.Tensor, engine_logits: torch.Tensor, device: torch.device,
+           dtype: torch.dtype) -> float:
+    """Load the exported `folder` as a user would, on the engine's device and in its dtype (like with
+    like), and return the largest |difference| between its logits and the engine's on `input_ids`.
+    The inputs and the engine's logits are kept beside the folder (export_parity.safetensors)."""
+    from safetensors.torch import save_file
+
+    reloaded = model_class(_config(folder)).from_pretrained(folder, dtype=dtype).to(device)
+    reloaded.eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
+    save_file({"input_ids": input_ids.contiguous(), "logits": engine_logits.contiguous()},
+              str(folder.parent / "export_parity.safetensors"))
+    del reloaded
+    return float((logits - engine_logits).abs().max())
+
+
+def _config(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
+
+def config_digest(hf_config) -> str:
+    """A digest of a model's architecture (its transformers config without what varies between saves of the
+    same model): a resume on a different model is refused."""
+    import hashlib
+
+    d = {k: v for k, v in hf_config.to_dict().items()
+         if k not in ("transformers_version", "dtype", "torch_dtype", "architectures", "_name_or_path", "use_cache")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """RUN_DIR/summary.json (atomic; non-finite numbers as null: strict JSON)."""
+    atomic.write_json(Path(run_dir) / "summary.json", json.loads(json.dumps(summary, default=str),
+                                                                  parse_constant=lambda _: None))
+
+
+def quarantine(folder: Path) -> Path:
+    """Move an export that failed its check out of the way (`NAME.failed`), so nothing reads it as done."""
+    aside = folder.with_name(folder.name + ".failed")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(folder, aside)
+    return aside
+
+
+def lineage(stage: str, run_dir: Path, step: int, tokens: int, config_digest: str, tokenizer_hash: str | None,
+            data: dict | None, parent: Path | None, upstream: tuple[Path | None, ...] = ()) -> dict:
+    """What `final/lineage.json` records: this stage's identity, and the lineage of every upstream folder
+    (token data, parent model) read from their own lineage.json. Local paths are absolute here, for the
+    tools that follow a chain on this cluster; `lmforge push` shortens them in what it uploads."""
+    return {
+        "stage": stage, "run_dir": str(Path(run_dir).resolve()), "step": step, "tokens": tokens,
+        "config_digest": config_digest, "git_commit": git_commit(),
+        "checkpoint": str((Path(run_dir) / "checkpoints" / tag_for(step)).resolve()),
+        "parent": str(Path(parent).resolve()) if parent else None, "tokenizer_hash": tokenizer_hash,
+        "data": data,
+        "upstream": [json.loads((Path(u) / "lineage.json").read_text()) for u in upstream
+                     if u is not None and (Path(u) / "lineage.json").is_file()],
+    }
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters of `model`, each once (tied ones once); ZeRO-3 partitions count whole (`ds_numel`)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def card(stage: str, task: str, model: torch.nn.Module, **facts) -> dict:
+    """The model card's facts (see lmforge.hub.INFO_KEYS): the architecture read from the model itself
+    (its config, its parameters), never from a YAML that may not describe it; `facts` add the run's
+    (steps, tokens_seen, metrics, command, config_yaml, ...)."""
+    c = model.config
+    return {"stage": stage, "task": task, "architecture": type(model).__name__, "family": c.model_type,
+            "num_params": count_params(model), "num_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+            "num_heads": c.num_attention_heads, "vocab_size": c.vocab_size,
+            "context_length": getattr(c, "max_position_embeddings", None), **facts}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,8 +419,7 @@ def export_checkpoint(run_dir: Path, out: Path, step: int | None = None) -> Chec
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"{tokenizer_dir}: the run's tokenizer is missing")
     lineage = {**r["lineage"], "exported_from": str(chosen.path.resolve())}
-    export_hf(Path(out), AutoConfig.from_pretrained(chosen.path), state_dict, tokenizer_dir, lineage, r.get("card"),
-              r.get("eos_id"), r.get("pad_id"))
+    export_hf(Path(out), AutoConfig.from_pretrained(chosen.path), state_dict, tokenizer_dir, lineage, r.get("card"))
     return chosen
 
 

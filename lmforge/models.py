@@ -7,6 +7,7 @@ and nowhere else: the dry run, the status line's MFU, the model card and the ben
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None, pad_
 def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None, pad_id: int | None = None,
                 init_from: Path | None = None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A freshly initialised model (seed the global RNG first for a reproducible init), or one loaded
-    from a Hugging Face folder whose architecture must match `cfg` and the data's vocabulary."""
+    from a Hugging Face folder whose architecture must match `cfg` and the data's vocabulary. Inside
+    `engine.model_context(ds_config)` under ZeRO-3 it is built partitioned (see `fresh_model`)."""
     from transformers import AutoModelForCausalLM
 
     if init_from is not None:
@@ -51,9 +53,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None, pa
             raise ModelError(f"init_from: {folder} has vocab_size {model.config.vocab_size}, the data's tokenizer "
                              f"has {vocab_size}; tokenize with that model's tokenizer (tokenizer.pretrained)")
         return model
-    config = hf_config(cfg, vocab_size, eos_id, pad_id)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model
+    return fresh_model(hf_config(cfg, vocab_size, eos_id, pad_id), dtype)
 
 
 def num_params(cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
@@ -96,3 +96,178 @@ def human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.1f}{unit}"
     return str(int(n))
+
+
+def model_config(cfg: ModelConfig | None, init_from: Path | None, vocab_size: int, eos_id: int | None,
+                 pad_id: int | None, seq_len: int):
+    """The transformers config of the model a stage trains: read from `init_from`'s config.json when given
+    (a `model:` section beside it must agree with it), else built from `cfg`. Checks the data's vocabulary
+    and `seq_len` against it, so every count, check and card downstream describes the real model."""
+    from transformers import AutoConfig
+
+    if init_from is None:
+        if cfg.vocab_size is not None and cfg.vocab_size != vocab_size:
+            raise ModelError(f"model.vocab_size is {cfg.vocab_size} but the data in data.path was tokenized with a {vocab_size}-token "
+                             "vocabulary (meta.json); remove model.vocab_size or tokenize with a matching tokenizer")
+        config = hf_config(cfg, vocab_size, eos_id, pad_id)
+        config.architectures = ["GPT2LMHeadModel" if cfg.family == "gpt2" else "LlamaForCausalLM"]
+        return config
+    folder = Path(init_from)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"init_from: {folder} is not a Hugging Face model folder (no config.json)")
+    config = AutoConfig.from_pretrained(folder)
+    arch = (config.architectures or ["?"])[0]
+    if not (arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")):
+        raise ModelError(f"init_from: {folder} holds a {arch}, not a causal language model")
+    if config.vocab_size != vocab_size:
+        raise ModelError(f"init_from: {folder} has vocab_size {config.vocab_size}, the data's tokenizer has "
+                         f"{vocab_size}; tokenize with that model's tokenizer (tokenizer.pretrained)")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and seq_len > positions:
+        raise ModelError(f"data.seq_len {seq_len} is longer than {folder}'s {positions} positions "
+                         "(max_position_embeddings); use a shorter data.seq_len")
+    if cfg is not None:
+        mine = hf_config(cfg, vocab_size, eos_id, pad_id)
+        keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "max_position_embeddings", "tie_word_embeddings")
+        clash = [f"{k}: model says {getattr(mine, k, None)!r}, the folder {getattr(config, k, None)!r}" for k in keys
+                 if getattr(config, k, None) != getattr(mine, k, None)]
+        if clash:
+            raise ModelError(f"the model section contradicts init_from {folder}/config.json ({'; '.join(clash)}); "
+                             "remove the model section (the folder's config is the architecture)")
+    return config
+
+
+def describe(config, seq_len: int) -> dict[str, int]:
+    """Parameter and FLOP counts of the model `config` builds, counted on the meta device (no memory):
+    `total` (tied weights once), `embedding` (token and position lookups), `non_embedding`, `matmul` (what
+    takes part in a matrix multiply per token: the output projection even when tied) and
+    `flops_per_token` (training: 6 x matmul + 12 x layers x hidden x seq_len, as `flops_per_token`)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    out = model.get_output_embeddings().weight
+    untied = 0 if out is model.get_input_embeddings().weight else out.numel()
+    non_embedding = total - embedding - untied
+    matmul = non_embedding + out.numel()
+    flops = 6 * matmul + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    return {"total": total, "embedding": embedding, "non_embedding": non_embedding, "matmul": matmul,
+            "flops_per_token": flops}
+
+
+def build(config, init_from: Path | None = None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The model for `config` (from `model_config`): loaded from `init_from`, or freshly initialised (seed
+    the global RNG first for a reproducible init). Call inside `engine.model_context` so that under ZeRO-3
+    it is built partitioned."""
+    from transformers import AutoModelForCausalLM
+
+    if init_from is not None:
+        return AutoModelForCausalLM.from_pretrained(init_from, dtype=dtype, attn_implementation="sdpa")
+    return fresh_model(config, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# ZeRO-3: a model built partitioned, with the weights it would have had built whole
+
+
+def fresh_model(config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A freshly initialised model for the transformers `config` (seed the global RNG first).
+
+    Inside `engine.model_context` under ZeRO-3 each module is partitioned over the ranks as soon as it is
+    built (`engine.partitioned_construction`): a rank holds 1/W of the weights plus one module's worth,
+    never the whole model. The weights are the same as a whole build's under the same seed, on every
+    device and in every precision: the modules draw in the same order from the same generator (the CPU's,
+    in fp32: `host_draws`), and transformers' `init_weights`, which runs inside the build after each
+    sub-model, sees each module's parameters gathered (`_initialize_weights_gathered`). transformers' own
+    ZeRO-3 init would differ: it skips the draws of construction and draws on rank 0's device only."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    from transformers import PreTrainedModel
+    from transformers.modeling_utils import set_zero3_state
+
+    from lmforge import engine
+
+    original = PreTrainedModel.initialize_weights
+    PreTrainedModel.initialize_weights = _initialize_weights_gathered
+    try:
+        # set_zero3_state: transformers' "zero.Init is already active" flag, so that from_config neither nests
+        # its own nor replaces the init with its rank-0-only one
+        with host_draws(), engine.partitioned_construction(deepspeed_config()), set_zero3_state():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    finally:
+        PreTrainedModel.initialize_weights = original
+
+
+@torch.no_grad()
+def _initialize_weights_gathered(self) -> None:
+    """`PreTrainedModel.initialize_weights` (transformers 5) for a model being built partitioned: the same
+    `_initialize_weights` calls on the same modules in the same order (its `smart_apply`: children first,
+    a sub-model's own function over its subtree), each with the module's own and its direct children's
+    parameters gathered, which is what an `_init_weights` touches (GPT-2's scaled `c_proj`) and what
+    transformers' own ZeRO-3 init gathers. Every rank draws (the same numbers: the RNG stays in step)."""
+    from transformers import PreTrainedModel
+    from transformers.initialization import guard_torch_init_functions
+
+    from lmforge import engine
+
+    custom = self.is_custom_code()
+
+    def apply(module: torch.nn.Module, fn) -> None:
+        for child in module.children():
+            apply(child, child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+        if getattr(module, "_is_hf_initialized", False):  # fn would return at once: nothing to gather
+            return
+        params = list(module.parameters(recurse=False))
+        params += [p for child in module.children() if not isinstance(child, PreTrainedModel)
+                   for p in child.parameters(recurse=False)]
+        with engine.gathered(params):
+            fn(module, custom)
+
+    with guard_torch_init_functions():
+        apply(self, self._initialize_weights)
+
+
+@contextlib.contextmanager
+def host_draws():
+    """Random initialisation drawn as a model built on the host in fp32 draws it: from the CPU generator,
+    into an fp32 CPU tensor, then copied (cast, moved) into the tensor drawn for, whatever its device and
+    dtype. Under `deepspeed.zero.Init` the modules are built on the accelerator in the run's precision;
+    without this they would draw from the CUDA generator (other numbers), or in bf16 (other numbers: on
+    CPU too, torch's bf16 `normal_` is not the fp32 one cast).
+
+    `Tensor.normal_` and `Tensor.uniform_` are replaced while inside: torch's and transformers'
+    initialisers (normal, uniform, kaiming, xavier) draw through them; what an initialiser computes after
+    the draw (trunc_normal_'s erfinv) runs where the tensor is. A draw into a partitioned parameter that is
+    not gathered (an empty placeholder: it would silently draw nothing) is an error."""
+    originals = {name: getattr(torch.Tensor, name) for name in ("normal_", "uniform_")}
+
+    def redirect(name: str, draw):
+        def drawn_on_host(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if tensor.numel() == 0 and getattr(tensor, "ds_numel", 0) > 0:
+                raise ModelError(f"weight initialisation draws into a ZeRO-3 partitioned parameter of shape "
+                                 f"{tuple(tensor.ds_shape)} that is not gathered: this model's _init_weights "
+                                 "reaches beyond a module's direct children; train it under ZeRO 0-2")
+            if (tensor.device.type == "cpu" and tensor.dtype == torch.float32) or kwargs.get("generator") is not None:
+                return draw(tensor, *args, **kwargs)  # already the host's draw, or its caller chose the generator
+            host = tensor.new_empty(tensor.shape, dtype=torch.float32, device="cpu")  # not torch.empty: zero.Init casts
+            draw(host, *args, **kwargs)
+            with torch.no_grad():
+                tensor.copy_(host)
+            return tensor
+
+        drawn_on_host.__name__ = name
+        return drawn_on_host
+
+    for name, draw in originals.items():
+        setattr(torch.Tensor, name, redirect(name, draw))
+    try:
+        yield
+    finally:
+        for name, draw in originals.items():
+            setattr(torch.Tensor, name, draw)

@@ -30,3 +30,17 @@ def lr_at(step: int, max_steps: int, lr: float, min_lr: float, warmup_steps: int
     span = max(1, max_steps - warmup_steps)
     t = min(1.0, (step - warmup_steps + 1) / span)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def schedule_change(saved_max_steps: int | None, max_steps: int, step: int, optim) -> str | None:
+    """What resuming at `step` with a changed train.max_steps does to the learning rate, in words (None when
+    nothing changes). The schedule is a function of (step, max_steps): cosine re-shapes around the new
+    length, so the lr jumps; WSD holds lr until its decay and so extends cleanly if the decay has not begun."""
+    if saved_max_steps is None or saved_max_steps == max_steps:
+        return None
+    args = (optim.lr, optim.min_lr, optim.warmup_steps, optim.schedule, optim.decay_fraction)
+    before, after = lr_at(step, saved_max_steps, *args), lr_at(step, max_steps, *args)
+    how = {"cosine": "cosine decay re-shapes to the new length", "constant": "a constant lr is unchanged",
+           "wsd": "WSD holds lr and decays over the new last steps"}[optim.schedule]
+    return (f"train.max_steps changed from {saved_max_steps} to {max_steps} at step {step}: the lr goes from "
+            f"{before:.3e} (the old schedule) to {after:.3e} ({how})")

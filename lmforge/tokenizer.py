@@ -117,6 +117,14 @@ def folder_hash(folder: Path) -> str:
 # Encoding
 
 
+def pad_token_id(folder: Path) -> int | None:
+    """The id of the pad token a tokenizer folder's tokenizer_config.json names (None if it names none)."""
+    config = Path(folder) / "tokenizer_config.json"
+    pad = json.loads(config.read_text()).get("pad_token") if config.is_file() else None
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).token_to_id(pad) if pad else None
+
+
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable character that stands for each byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

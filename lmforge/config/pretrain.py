@@ -91,6 +91,8 @@ class EngineConfig(StrictModel):
     """Resume a ZeRO-1/2/3 checkpoint on another number of ranks by converting it to DeepSpeed's universal format."""
     peak_flops: float | None = Field(None, gt=0)
     """Peak FLOP/s of one device for MFU; default: a table of GPUs, or a matmul measured at start-up on CPU."""
+    collective_timeout: float = Field(1800, gt=0)
+    """Seconds a rank waits in one collective before the job fails (a universal conversion on rank 0 runs inside one)."""
 
     @field_validator("deepspeed")
     @classmethod
@@ -134,6 +136,8 @@ class TrainConfig(StrictModel):
     """Abort after this many consecutive steps with a non-finite gradient norm (each one is skipped on all ranks)."""
     max_time: float | None = Field(None, gt=0)
     """Wall-clock budget in seconds from launch: at the first step past it, save a checkpoint and exit 0 (rerun to go on)."""
+    lease_timeout: float = Field(120, gt=0)
+    """Seconds without a heartbeat after which another launch may take over this run folder's lease (a dead run)."""
 
 
 class EvalConfig(StrictModel):
@@ -145,6 +149,8 @@ class EvalConfig(StrictModel):
     """Text the model continues for the logged sample ('' turns the sample off)."""
     max_new_tokens: int = Field(48, ge=1)
     """Tokens generated for the sample."""
+    parity_tolerance: float | None = Field(None, gt=0)
+    """Largest |logit| difference allowed between final/ reloaded and the engine; default 1e-4 in fp32, 5e-2 in bf16."""
 
 
 class PretrainConfig(StrictModel):
@@ -154,10 +160,10 @@ class PretrainConfig(StrictModel):
     """Output folder: config.yaml, metrics.jsonl, checkpoints/, final/, plots/."""
     data: DataConfig
     """Tokenized data."""
-    model: ModelConfig
-    """Architecture and size (usually `include: ../model/NAME.yaml`)."""
+    model: ModelConfig | None = None
+    """Architecture and size (usually `include: ../model/NAME.yaml`); leave out with init_from (the folder says)."""
     init_from: Path | None = None
-    """A Hugging Face model folder to continue pretraining from instead of a fresh initialisation."""
+    """A Hugging Face causal LM folder to continue pretraining from; its config.json is the architecture."""
     batch: BatchConfig = Field(default_factory=BatchConfig)
     """Batch sizes."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -173,7 +179,9 @@ class PretrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _fits(self) -> PretrainConfig:
-        if self.data.seq_len > self.model.max_seq_len:
+        if self.model is None and self.init_from is None:
+            raise ValueError("set `model` (a size, e.g. include: ../model/tiny.yaml) or `init_from` (a HF folder)")
+        if self.model is not None and self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len {self.data.seq_len} is longer than model.max_seq_len "
                              f"{self.model.max_seq_len}")
         return self

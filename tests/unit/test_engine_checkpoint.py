@@ -105,3 +105,85 @@ def test_retention_keeps_pinned_and_every_kth_and_never_the_newest(tmp_path):
     assert [c.step for c in ckpt.complete(tmp_path)] == [10, 15, 20, 30]
     ckpt.prune(tmp_path, keep_last=0)  # a zero is read as one: the newest complete checkpoint always stays
     assert [c.step for c in ckpt.complete(tmp_path)] == [30]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_accumulates_and_reduces_gradients_in_fp32(stage):
+    """DeepSpeed's default with bf16 on is bf16 for both; ZeRO-0 refuses an fp32 accumulator with a bf16
+    model (see engine.bf16_reductions_in_fp32), so it gets the fp32 reduction only."""
+    zero = {"zero_optimization": {"stage": stage}}
+    for device in ("cpu", "cuda"):
+        cfg = ds_config(zero, 2, 2, 8, torch.bfloat16, OptimConfig(), torch.device(device))
+        assert cfg["communication_data_type"] == "fp32"
+        assert cfg.get("data_types") == (None if stage == 0 else {"grad_accum_dtype": "fp32"})
+    fp32 = ds_config(zero, 2, 2, 8, torch.float32, OptimConfig(), torch.device("cpu"))
+    assert "communication_data_type" not in fp32 and "data_types" not in fp32  # fp32 already: nothing to ask
+    assert zero == {"zero_optimization": {"stage": stage}}
+
+
+def test_a_zero_json_that_sets_the_gradient_dtypes_wins():
+    own = {"zero_optimization": {"stage": 2}, "communication_data_type": "bf16",
+           "data_types": {"grad_accum_dtype": "bf16"}}
+    cfg = ds_config(own, 2, 2, 8, torch.bfloat16, OptimConfig(), torch.device("cuda"))
+    assert cfg["communication_data_type"] == "bf16" and cfg["data_types"] == {"grad_accum_dtype": "bf16"}
+    # a data_types section about something else keeps it and gains the fp32 accumulator
+    other = {"zero_optimization": {"stage": 3}, "data_types": {"keep_in_fp32_modules": []}}
+    cfg = ds_config(other, 2, 2, 8, torch.bfloat16, OptimConfig(), torch.device("cuda"))
+    assert cfg["data_types"] == {"keep_in_fp32_modules": [], "grad_accum_dtype": "fp32"}
+    assert other["data_types"] == {"keep_in_fp32_modules": []}
+
+
+# One process (a group of one), DeepSpeed's own engine for each stage: which optimizer it builds from the
+# injected config and in which dtypes it accumulates and reduces (what the config above asks for).
+BF16_ENGINES = """
+import json, torch
+from lmforge import engine as eng
+from lmforge.config.pretrain import OptimConfig
+d, out = eng.setup_distributed(), {}
+for stage in (0, 1, 2, 3):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    e = eng.initialize(model, eng.ds_config({"zero_optimization": {"stage": stage}}, 2, 2, 4, torch.bfloat16,
+                                            OptimConfig(), d.device), 0.1)
+    for _ in range(2):  # one optimizer step of two micro-batches
+        e.backward(e(torch.randn(2, 16, dtype=torch.bfloat16)).float().pow(2).mean())
+        e.step()
+    o = e.optimizer
+    accum = getattr(o, "gradient_accumulation_dtype", getattr(o, "grad_acc_dtype", None))
+    buffer = getattr(o, "grad_partitions_flat_buffer", None)
+    out[stage] = {"optimizer": type(o).__name__, "reduce": str(e.communication_data_type), "accum": str(accum),
+                  "buffer": None if buffer is None else str(buffer.dtype),
+                  "finite": all(bool(p.isfinite().all()) for p in e.module.parameters())}
+try:
+    eng.initialize(torch.nn.Linear(4, 4), eng.ds_config({"zero_optimization": {"stage": 0}, "data_types": {
+        "grad_accum_dtype": "fp32"}}, 2, 2, 4, torch.bfloat16, OptimConfig(), d.device), 0.1)
+    out["zero0_fp32_accumulator"] = "accepted"
+except NotImplementedError as e:
+    out["zero0_fp32_accumulator"] = str(e)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_deepspeed_honours_the_injected_gradient_dtypes_in_every_stage():
+    import os
+    import subprocess
+    import sys
+
+    from ..conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", BF16_ENGINES], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    fp32 = "torch.float32"
+    # ZeRO-0: FP16_UnfusedOptimizer in bf16 mode; fp32 all-reduce; the bf16 accumulator is DeepSpeed's only option
+    assert result["0"]["optimizer"] == "FP16_UnfusedOptimizer" and result["0"]["reduce"] == fp32
+    assert "unsupported mix" in result["zero0_fp32_accumulator"]
+    # ZeRO-1: the fp32 accumulator makes DeepSpeed pick BF16_Optimizer
+    assert result["1"] == {"optimizer": "BF16_Optimizer", "reduce": fp32, "accum": fp32, "buffer": None, "finite": True}
+    assert result["2"] == {"optimizer": "DeepSpeedZeroOptimizer", "reduce": fp32, "accum": fp32, "buffer": None,
+                           "finite": True}
+    assert result["3"] == {"optimizer": "DeepSpeedZeroOptimizer_Stage3", "reduce": fp32, "accum": fp32,
+                           "buffer": fp32, "finite": True}

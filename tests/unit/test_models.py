@@ -62,3 +62,57 @@ def test_impossible_shapes_are_config_errors():
         ModelConfig(hidden_size=100, num_layers=1, num_heads=3)
     with pytest.raises(ValueError, match="for family: llama only"):
         ModelConfig(family="gpt2", hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("draw", ["normal_", "uniform_", "kaiming_uniform_"])
+def test_host_draws_give_the_fp32_host_build_numbers_in_any_dtype(draw):
+    """Under ZeRO-3 the modules are built in the run's precision (on its device): drawing there would give
+    other weights than today's fp32 build on the host, cast afterwards. `host_draws` draws as that build."""
+    from lmforge.models import host_draws
+
+    def drawn(dtype):
+        torch.manual_seed(0)
+        t = torch.empty(61, 33, dtype=dtype)  # 2,013 elements: torch draws differently below fp32 here
+        getattr(torch.nn.init, draw)(t) if draw.startswith("kaiming") else getattr(t, draw)()
+        return t, torch.get_rng_state()
+
+    want, rng = drawn(torch.float32)
+    # torch's own low-precision draws give other numbers (the reason for host_draws)
+    assert any(not torch.equal(drawn(dtype)[0], want.to(dtype)) for dtype in (torch.bfloat16, torch.float16))
+    for dtype in (torch.bfloat16, torch.float16):
+        original = torch.Tensor.normal_, torch.Tensor.uniform_
+        with host_draws():
+            got, rng_after = drawn(dtype)
+        assert (torch.Tensor.normal_, torch.Tensor.uniform_) == original  # put back on the way out
+        assert got.dtype == dtype and torch.equal(got, want.to(dtype)) and torch.equal(rng_after, rng)
+
+
+def test_a_draw_into_a_partitioned_parameter_that_is_not_gathered_is_an_error():
+    from lmforge.models import ModelError, host_draws
+
+    placeholder = torch.nn.Parameter(torch.empty(0))  # what ZeRO-3 leaves in a module between gathers
+    placeholder.ds_numel, placeholder.ds_shape = 12, (3, 4)
+    with host_draws(), pytest.raises(ModelError, match=r"shape \(3, 4\) that is not gathered"):
+        torch.nn.init.normal_(placeholder)
+
+
+def test_model_context_switches_transformers_to_zero3_only_inside_and_only_for_zero3():
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from lmforge import engine
+
+    cfg = ModelConfig(**VARIANTS[2])
+    torch.manual_seed(3)
+    plain = build_model(cfg, vocab_size=300).state_dict()
+    with engine.model_context({"zero_optimization": {"stage": 2}}):
+        assert not is_deepspeed_zero3_enabled()
+        torch.manual_seed(3)
+        inside = build_model(cfg, vocab_size=300).state_dict()
+    assert all(torch.equal(plain[k], inside[k]) for k in plain)
+    zero3 = {"zero_optimization": {"stage": 3}}
+    with pytest.raises(RuntimeError, match="boom"), engine.model_context(zero3):
+        assert is_deepspeed_zero3_enabled()
+        with pytest.raises(engine.EngineError, match="already registered"), engine.model_context(zero3):
+            pass
+        raise RuntimeError("boom")
+    assert not is_deepspeed_zero3_enabled()  # switched off again, even on an error

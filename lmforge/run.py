@@ -1,0 +1,280 @@
+"""A training run's lifecycle, shared by every training stage (pretrain, finetune, distill).
+
+    run = Run.open("pretrain", cfg.run_dir, launched, cfg.engine.collective_timeout)
+    run.check_resume({...what must match...}); run.finished(max_steps); run.publish(cfg, tokenizer)
+    tag = run.resume_tag(ds, universal_ok)     # before the engine: a world-size change converts first
+    ... build the engine ...
+    state = run.load(engine, tag, seed)        # the checkpoint's record, RNG restored
+    ... while loop: if (stop := run.should_stop()): save, run.close ...
+    run.close(code)
+
+Every decision read from the shared filesystem (is there a checkpoint, which one, is the run finished,
+which ranks saved an RNG state) is made on rank 0 and broadcast: a node with a stale NFS/Lustre view
+must not split the ranks. Only one launch works on a run folder at a time (`lmforge.lease`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge import atomic
+from lmforge import checkpoint as ckpt
+from lmforge import engine as eng
+from lmforge.lease import Lease, LeaseError
+
+# Why a run stops before max_steps: a signal number (below 65), or one of these. The ranks agree on the
+# largest code any of them raised, so the order matters: a lost lease (someone else owns the folder now:
+# do not save over their checkpoints) beats everything.
+OUT_OF_TIME = 1000  # train.max_time reached
+ORPHANED = 1001  # the launcher (torchrun's agent) died: stop after a save instead of training on unseen
+LEASE_LOST = 1002  # another launch took the run folder over
+
+
+class RunError(Exception):
+    """A launch that must not go on (the folder is busy, a checkpoint does not fit); exit status 2."""
+
+
+@dataclass
+class Run:
+    stage: str
+    dir: Path
+    dist: eng.Dist
+    launched: float  # time.perf_counter() at launch: train.max_time counts start-up too
+    resume: ckpt.Checkpoint | None = None
+    lease: Lease | None = None
+    signals: list[int] = field(default_factory=list)
+    launcher_pid: int | None = None  # the torchrun / deepspeed agent this worker was started by
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def say(self, *args, **kwargs) -> None:
+        """Print on rank 0 only, prefixed with the stage; flushed (logs are read live on clusters)."""
+        if self.dist.is_main:
+            file = kwargs.pop("file", sys.stdout)
+            print(f"[{self.stage}]", *args, file=file, flush=True, **kwargs)
+
+    # -- opening ------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, stage: str, run_dir: Path, launched: float, collective_timeout: float,
+             lease_ttl: float = 120.0) -> Run:
+        """Join the process group, take the run folder's lease, clean up after a crash and choose the
+        checkpoint to resume from (all on rank 0, the outcome broadcast). Raises RunError."""
+        try:
+            d = eng.setup_distributed(collective_timeout)
+        except eng.EngineError as e:  # a launch that cannot be mapped to ranks (see engine.launcher_env)
+            raise RunError(str(e)) from None
+        run = cls(stage, Path(run_dir), d, launched)
+        # Slurm sends SIGTERM (or --signal=USR1@T) before a time limit or on preemption. The handler only
+        # records it; the ranks agree at the next step boundary, save, and exit 0 together.
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, lambda num, frame: run.signals.append(num))
+        if launcher() in ("torchrun", "deepspeed"):  # their workers outlive a SIGKILLed agent
+            run.launcher_pid = os.getppid()
+        problem, resume = None, None
+        if d.is_main:
+            try:
+                run.dir.mkdir(parents=True, exist_ok=True)
+                run.lease = Lease.acquire(run.dir, ttl_s=lease_ttl, info={"command": command_line(stage)})  # before any cleanup: it may be someone's work
+                atomic.remove_leftovers(run.dir)
+                for gone in ckpt.remove_incomplete(run.checkpoints):
+                    run.say(f"removed an interrupted save: {gone}")
+                resume = ckpt.latest(run.checkpoints)
+            except (LeaseError, ckpt.CheckpointError, OSError) as e:
+                problem = str(e)
+        problem, run.resume = eng.broadcast_object((problem, resume))
+        if problem:
+            run.close(2)
+            raise RunError(problem)
+        return run
+
+    def check_resume(self, expected: dict[str, tuple[object, str]]) -> None:
+        """Refuse to resume a checkpoint whose record differs from this launch in any `expected` key
+        (key -> (this launch's value, why that matters and what to do)). Call before anything in the folder
+        changes: a refused rerun must leave the run as it was."""
+        if self.resume is None:
+            return
+        for key, (want, why) in expected.items():
+            have = self.resume.record.get(key)
+            if have != want:
+                self.close(2)
+                raise RunError(f"{self.resume.path} {why} ({key}: saved {have!r}, this launch {want!r})")
+
+    def on_main(self, fn, errors: tuple[type[Exception], ...] = (Exception,)):
+        """`fn()` run on rank 0 alone (a look at the shared filesystem), its result given to every rank;
+        one of `errors` there becomes a RunError on every rank."""
+        result = problem = None
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except errors as e:
+                problem = str(e)
+        result, problem = eng.broadcast_object((result, problem))
+        if problem:
+            self.close(2)
+            raise RunError(problem)
+        return result
+
+    def finished(self, max_steps: int) -> bool:
+        """Whether an earlier launch already trained `max_steps` and exported them (rank 0 decides)."""
+        done = (self.resume is not None and self.resume.step >= max_steps
+                and ckpt.exported_step(self.dir / "final") == self.resume.step) if self.dist.is_main else None
+        return bool(eng.broadcast_object(done))
+
+    def publish(self, config, tokenizer: Path) -> None:
+        """config.yaml, and the tokenizer the run trains with, into the run folder (rank 0); a barrier.
+        A fresh start takes the source's tokenizer even over one an earlier attempt (which died before its
+        first checkpoint) copied from elsewhere."""
+        from lmforge.config import save_config
+
+        if self.dist.is_main:
+            save_config(config, self.dir / "config.yaml")
+            if self.resume is None or not (self.dir / "tokenizer" / "tokenizer.json").exists():
+                atomic.publish_folder(self.dir / "tokenizer", lambda tmp: [
+                    (tmp / n).write_bytes((Path(tokenizer) / n).read_bytes())
+                    for n in ckpt.TOKENIZER_FILES if (Path(tokenizer) / n).is_file()])
+        eng.barrier()
+
+    # -- resuming -----------------------------------------------------------------------------------
+
+    def resume_tag(self, ds: dict, universal: bool) -> str | None:
+        """The tag to load, after the checks that depend on the world size. A ZeRO-1/2/3 checkpoint from
+        another world size is converted to DeepSpeed's universal format (once, atomically, on rank 0) and
+        `ds` is switched to load it; call before the engine is built."""
+        if self.resume is None:
+            return None
+        saved, stage = self.resume.record.get("world_size"), eng.zero_stage(ds)
+        if saved == self.dist.world or stage == 0:
+            return self.resume.tag
+        if not universal:
+            self.close(2)
+            raise RunError(f"{self.resume.path} was saved on {saved} ranks with ZeRO-{stage} and this run has "
+                           f"{self.dist.world}: relaunch on {saved} ranks, or set engine.universal_checkpoint=true to "
+                           "convert it to DeepSpeed's universal checkpoint and resume on any number of ranks")
+        tag = problem = None
+        if self.dist.is_main:
+            self.say(f"{self.resume.path} was saved on {saved} ranks; converting it to a universal checkpoint for "
+                     f"{self.dist.world} (the other ranks wait up to engine.collective_timeout)")
+            try:
+                tag = eng.convert_to_universal(self.resume.path)
+            except Exception as e:  # a damaged or vanished checkpoint: every rank must hear it
+                problem = f"converting {self.resume.path} to a universal checkpoint failed: {type(e).__name__}: {e}"
+        tag, problem = eng.broadcast_object((tag, problem))
+        if problem:
+            self.close(2)
+            raise RunError(problem)
+        eng.enable_universal_load(ds)
+        return tag
+
+    def load(self, engine, tag: str, seed_for_rank) -> tuple[dict, float]:
+        """Load the chosen checkpoint into `engine` (every rank) and restore each rank's RNG stream
+        (`seed_for_rank(step)` seeds a rank the saving run did not have); returns (record, seconds)."""
+        began = time.perf_counter()
+        path = self.resume.path
+        try:
+            eng.load_checkpoint(engine, self.checkpoints, tag)
+            if tag != self.resume.tag:
+                eng.fix_zero3_universal_load(engine, path)
+        except Exception as e:
+            if not (path / ckpt.RECORD).is_file():  # pruned or deleted under us: say so, not a bare assert
+                self.close(2)
+                raise RunError(f"{path} disappeared while it was being loaded ({type(e).__name__}); another "
+                               "launch is pruning this run folder? Make sure only one job uses it, then rerun") from None
+            raise
+        saved = eng.broadcast_object(ckpt.rng_ranks(path) if self.dist.is_main else None)
+        if not ckpt.load_rng(path, self.dist.rank, saved):  # a rank the saving run did not have
+            import torch
+
+            torch.manual_seed(seed_for_rank(self.resume.step))
+        return self.resume.record, time.perf_counter() - began
+
+    # -- stopping -----------------------------------------------------------------------------------
+
+    def owns(self) -> bool:
+        """Rank 0: whether this launch still holds the run folder's lease (checked now, not by the renewer)."""
+        return self.lease is None or self.lease.verify()
+
+    def should_stop(self, max_time: float | None) -> int:
+        """Every rank's reasons to stop now (signals, the time budget, a dead launcher, a lost lease),
+        agreed in one collective: 0 to go on, else the largest code any rank raised."""
+        flag = 0
+        if self.lease is not None and self.lease.lost:
+            flag = LEASE_LOST
+        elif self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+            flag = ORPHANED
+        elif max_time is not None and time.perf_counter() - self.launched > max_time:
+            flag = OUT_OF_TIME
+        flag = max([flag, *self.signals])
+        return int(eng.all_reduce_max(float(flag), self.dist.device))
+
+    @staticmethod
+    def stop_reason(code: int) -> str:
+        return {OUT_OF_TIME: "train.max_time reached", ORPHANED: "the launcher is gone",
+                LEASE_LOST: "another launch took over this run folder"}.get(code) or \
+            f"{signal.Signals(code).name} received"
+
+    def close(self, code: int = 0) -> int:
+        """Leave the process group and release the lease; returns `code` (the stage's exit status)."""
+        eng.teardown()
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        return code
+
+    def leave(self) -> None:
+        """Tear down the process group now, keeping the lease (rank 0 still has single-process work to do:
+        nothing that could keep the other ranks waiting in a collective)."""
+        eng.teardown()
+
+
+def launcher() -> str:
+    """Who started this process: torchrun, deepspeed (its launcher sets CROSS_RANK), srun, or python."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    if "CROSS_RANK" in os.environ:
+        return "deepspeed"
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", 1)) > 1:  # an srun step of several tasks (engine.launcher_env)
+        return "srun"
+    return "python"
+
+
+def command_line(stage: str) -> str:
+    """How this run was launched, for the model card (the launcher's own flags are not visible here)."""
+    import shlex
+
+    world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                                             os.environ.get("LOCAL_SIZE", 1)))
+    nodes = max(1, world // max(local, 1))
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--local_rank"))
+    how = launcher()
+    if how == "torchrun":
+        return (f"torchrun --nnodes={nodes} " if nodes > 1 else "torchrun ") + f"--nproc_per_node={local} -m {stage} {args}"
+    if how == "deepspeed":
+        return (f"deepspeed --num_nodes={nodes} " if nodes > 1 else "deepspeed ") + f"--num_gpus={local} --module {stage} {args}"
+    if how == "srun":
+        return f"srun --ntasks={world} python -m {stage} {args}"
+    return f"python -m {stage} {args}"
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def fail(prog: str, error: Exception, code: int = 2) -> int:
+    """Print a refusal once (rank 0, or the only process) and return the exit status."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    return code
