@@ -27,15 +27,46 @@ elements, so the fp32 gradient of the step (and any optimizer temporaries) exist
 with the shipped 1e8 steps in 9 pieces); MALLOC_MMAP_THRESHOLD_=65536 (glibc hands freed blocks back at once,
 so RSS follows the live tensors). The model is large enough (~214M parameters) that the runtime's fixed
 buffers (DeepSpeed's shared-memory all-reduce workspace on CPU, 2 x 32 MB + 2 x 1 MB) are a few percent.
+
+Memory at scale (`python bench/memory.py`, its own results file bench/results/memory.json and its own section
+of BENCHMARKS.md; the ZeRO table above stays with bench/train.py):
+
+  loss      one training step (forward, backward, AdamW step; the moments exist) of a GPT-2-124M-shaped model (configs/model/124m.yaml,
+            vocab 50,257, seq 1,024, micro 4) on CPU in fp32, with `F.cross_entropy(logits.float())` and with
+            lmforge's `token_loss` (DeepSpeed's chunked cross entropy), each in a fresh process. Measured: the peak
+            of torch's CPU allocator over the step above where it stood before (the torch profiler's memory
+            events, every allocation and free, summed in order: live tensor bytes, nothing else), and the peak
+            RSS over the step above the RSS before it (VmHWM reset first; glibc returns blocks over 64 KB at
+            once, MALLOC_MMAP_THRESHOLD_=65536, so RSS follows the live tensors). The loss part alone is measured
+            too, in the same processes: the output projection and the loss over [micro x seq, 768] hidden states
+            (fp32, as the step), and the loss alone over bf16 logits (what a GPU step's loss holds).
+            `device_loss_memory` runs the same step on a GPU (bf16, CUDA's own peak counter) for bench/gpu.py.
+  startup   per-rank memory from process start through `engine.initialize` for a ~214M-parameter Llama (MODEL,
+            vocab 8,192) on 2 ranks, ZeRO-3 (the ZeRO-3 JSON of the table above), fp32, built whole (today) and
+            partitioned (`engine.model_context`), one launch each: peak RSS of the build and of the build plus
+            `initialize`, and RSS after it, all above the rank's RSS before the build (imports and process
+            group done), against the full model's fp32 bytes (4 x parameters).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run as `python bench/memory.py`, this file's folder comes first on sys.path, where bench/tokenize.py would
+# shadow the standard library's `tokenize` module; the project root takes its place.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(ROOT)
 BUCKET = 1_000_000  # elements, for every bucket and ZeRO-3 sub-group in the memory runs' DeepSpeed JSON
 MODEL = {"family": "llama", "hidden_size": 1024, "num_layers": 16, "num_heads": 16, "intermediate_size": 2816,
          "max_seq_len": 256}
@@ -219,3 +250,408 @@ def table(mem: dict, target: float, met: str) -> list[str]:
               f"{fp32_z3['deepspeed_expected_bytes'] / fp32_z3['theory_bytes']:.2f}x the ZeRO-3 theory; measured "
               f"against what DeepSpeed is expected to hold there: {fp32_z3['vs_deepspeed_expected']:.2f}x."]
     return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory at scale: `python bench/memory.py` (the chunked loss; ZeRO-3 models built partitioned)
+
+BEGIN, END = "<!-- bench:memory:begin -->", "<!-- bench:memory:end -->"
+TARGETS = {"loss_step_saving": 0.40,          # chunked loss: at least this much less memory for a training step
+           "zero3_startup_vs_fp32_model": 0.6}  # ZeRO-3 partitioned build: per-rank peak / full fp32 model, at most
+LOSS_VOCAB, LOSS_SEQ, LOSS_MICRO = 50257, 1024, 4  # GPT-2's vocabulary and context; 4 x 1,024 = 4,096 tokens
+STARTUP_VOCAB = 8192  # the demo tokenizer's: MODEL is ~214M parameters with it
+WORLD = 2
+
+
+def clear_peak() -> None:
+    """VmHWM := VmRSS: what `status_bytes` calls the peak is the peak from here on."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def allocator_peak(fn: Callable[[], object]) -> tuple[int, object]:
+    """(the highest point torch's CPU allocator reaches while `fn` runs above where it stood when `fn` started,
+    in bytes; what `fn` returned). From the profiler's memory events: every allocation and free, in order."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        if e.device_type() == DeviceType.CPU:  # the profiler also reports CUDA allocations where there are any
+            live += e.nbytes()
+            peak = max(peak, live)
+    return peak, result
+
+
+def cross_entropy(logits, targets):
+    """What the stages did before `token_loss`: the baseline."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def loss_function(method: str):
+    from lmforge.loss import token_loss
+
+    return {"cross_entropy": cross_entropy, "chunked": token_loss}[method]
+
+
+def gpt2_124m():
+    import yaml
+
+    from lmforge.config.model import ModelConfig
+
+    return ModelConfig(**yaml.safe_load((ROOT / "configs" / "model" / "124m.yaml").read_text()))
+
+
+def train_step(model, optimizer, x, loss_fn) -> float:
+    """One optimizer step on the rows `x` [micro, seq + 1], as a stage runs it."""
+    loss = loss_fn(model(input_ids=x[:, :-1], use_cache=False).logits, x[:, 1:])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def loss_child(spec: dict) -> dict:
+    """One method, in a fresh process (no torchrun): the loss part first, then the training step."""
+    import torch
+    import torch.nn.functional as F
+
+    from lmforge.models import build_model
+
+    micro, seq, loss_fn = spec["micro"], spec["seq"], loss_function(spec["method"])
+    torch.manual_seed(0)
+    model = build_model(gpt2_124m(), LOSS_VOCAB)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, LOSS_VOCAB, (micro, seq + 1), generator=torch.Generator().manual_seed(0))
+    record = {"method": spec["method"], "params": sum(p.numel() for p in model.parameters())}
+
+    def head_and_loss() -> int:
+        """The loss part: the output projection and the loss over the step's hidden states, fp32 as the step."""
+        hidden = torch.randn(micro, seq, model.config.n_embd, requires_grad=True)
+        weight = model.lm_head.weight.detach().clone().requires_grad_(True)
+        return allocator_peak(lambda: loss_fn(F.linear(hidden, weight), x[:, 1:]).backward())[0]
+
+    def bf16_loss() -> int:
+        """The loss alone over bf16 logits, as a bf16 GPU step computes it (the logits exist before)."""
+        logits = torch.randn(micro, seq, LOSS_VOCAB, generator=torch.Generator().manual_seed(1)).bfloat16()
+        logits.requires_grad_(True)
+        return allocator_peak(lambda: loss_fn(logits, x[:, 1:]).backward())[0]
+
+    record["head_loss_alloc_peak_bytes"] = head_and_loss()
+    # AdamW's moments exist before the measured step, as in every step but the first (zero gradients: the
+    # update is weight decay alone, 1e-6 relative)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    record["bf16_loss_alloc_peak_bytes"] = bf16_loss()
+    record["bf16_logits_bytes"] = micro * seq * LOSS_VOCAB * 2
+
+    before = status_bytes()
+    clear_peak()
+    began = time.perf_counter()
+    record["step_alloc_peak_bytes"], record["loss"] = allocator_peak(lambda: train_step(model, optimizer, x, loss_fn))
+    record["step_seconds"] = round(time.perf_counter() - began, 1)
+    record["step_rss_peak_over_start_bytes"] = status_bytes()["peak_rss_bytes"] - before["rss_bytes"]
+    record["rss_before_step_bytes"] = before["rss_bytes"]
+    return record
+
+
+def device_loss_memory(device: str = "cuda", micro: int = LOSS_MICRO, seq: int = LOSS_SEQ) -> dict:
+    """For bench/gpu.py (unrun here: no GPU): the same GPT-2-124M training step on `device` in bf16 (the
+    model cast as DeepSpeed casts it), with each loss, in one process: CUDA's caching allocator keeps its own
+    peak counter (`max_memory_allocated`), reset before each step. A first step allocates AdamW's states and
+    compiles the Triton kernels, outside the measurement. Returns bytes above the allocation before each step."""
+    import torch
+
+    from lmforge.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(gpt2_124m(), LOSS_VOCAB).to(device=device, dtype=torch.bfloat16)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, LOSS_VOCAB, (micro, seq + 1), device=device)
+    out = {"device": torch.cuda.get_device_name(device), "micro_batch_size": micro, "seq_len": seq,
+           "vocab_size": LOSS_VOCAB, "precision": "bf16"}
+    for method in ("cross_entropy", "chunked"):
+        train_step(model, optimizer, x, loss_function(method))  # warm-up: Adam states, kernels
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        train_step(model, optimizer, x, loss_function(method))
+        torch.cuda.synchronize(device)
+        out[method] = {"step_peak_bytes": torch.cuda.max_memory_allocated(device) - before}
+    out["chunked_vs_cross_entropy"] = round(out["chunked"]["step_peak_bytes"]
+                                            / out["cross_entropy"]["step_peak_bytes"], 3)
+    return out
+
+
+def startup_child(spec: dict) -> dict:
+    """One rank of a start-up launch (under torchrun): memory before the build, after it, after `initialize`."""
+    import torch
+    import transformers.initialization  # noqa: F401  (the baseline loads what the build loads)
+    import transformers.integrations.deepspeed  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    from lmforge import engine as eng
+    from lmforge.config.model import ModelConfig
+    from lmforge.config.pretrain import OptimConfig
+    from lmforge.models import build_model
+
+    d = eng.setup_distributed()
+    ds = eng.ds_config(json.loads(Path(spec["ds_json"]).read_text()), 1, 1, d.world, torch.float32,
+                       OptimConfig(lr=1e-4, min_lr=0.0), d.device)
+    eng.barrier()
+    record = {"rank": d.rank, "before_build": status_bytes()}
+    clear_peak()  # the imports' own transient is not the model's
+    torch.manual_seed(1234)
+    began = time.perf_counter()
+    with eng.model_context(ds) if spec["partitioned"] else contextlib.nullcontext():
+        model = build_model(ModelConfig(**spec["model"]), spec["vocab"])
+    record["build_seconds"] = round(time.perf_counter() - began, 2)
+    record["after_build"] = status_bytes()
+    eng.barrier()
+    began = time.perf_counter()
+    engine = eng.initialize(model, ds, 0.1)
+    record["initialize_seconds"] = round(time.perf_counter() - began, 2)
+    record["after_initialize"] = status_bytes()  # its peak: the whole start-up, build included
+    record["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    box = [None] * d.world
+    torch.distributed.all_gather_object(box, record)
+    eng.teardown()
+    return {"ranks": box}
+
+
+def child_env() -> dict:
+    # glibc returns freed blocks over 64 KB to the OS at once: RSS follows the live tensors
+    return {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "MALLOC_MMAP_THRESHOLD_": "65536",
+            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def launch(kind: str, name: str, spec: dict, work: Path, ranks: int, timeout: float) -> dict:
+    """Run `kind`'s child in processes of its own (torchrun for ranks > 1); returns rank 0's record."""
+    spec = {**spec, "result": str(work / f"{name}.json")}
+    spec_path = work / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    Path(spec["result"]).unlink(missing_ok=True)
+    target = [str(Path(__file__).resolve()), "--child", kind, "--spec", str(spec_path)]
+    if ranks > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}",
+               *target]
+        env = {**child_env(), "OMP_NUM_THREADS": "1"}
+    else:
+        cmd, env = [sys.executable, *target], child_env()
+    began = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    (work / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n{run.stdout}\n--- stderr ---\n{run.stderr}")
+    if run.returncode != 0:
+        raise SystemExit(f"bench/memory.py: run '{name}' failed (log: {work / f'{name}.log'}):\n"
+                         f"{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
+    return {**json.loads(Path(spec["result"]).read_text()), "wall_seconds": round(time.perf_counter() - began, 1)}
+
+
+def measure_loss(work: Path, micro: int, seq: int, timeout: float) -> dict:
+    from lmforge.models import num_params
+
+    methods = {}
+    for method in ("cross_entropy", "chunked"):
+        methods[method] = launch("loss", f"loss_{method}", {"method": method, "micro": micro, "seq": seq}, work,
+                                 1, timeout)
+        r = methods[method]
+        print(f"[bench] loss {method:13s}: step peak {r['step_alloc_peak_bytes'] / 1e9:.2f} GB allocated, "
+              f"{r['step_rss_peak_over_start_bytes'] / 1e9:.2f} GB RSS; head + loss {r['head_loss_alloc_peak_bytes'] / 1e9:.2f} GB;"
+              f" bf16 loss {r['bf16_loss_alloc_peak_bytes'] / 1e9:.2f} GB ({r['step_seconds']:.0f} s step)", flush=True)
+    ce, ch = methods["cross_entropy"], methods["chunked"]
+    keys = ("step_alloc_peak_bytes", "step_rss_peak_over_start_bytes", "head_loss_alloc_peak_bytes",
+            "bf16_loss_alloc_peak_bytes")
+    saving = {k.removesuffix("_bytes"): round(1 - ch[k] / ce[k], 3) for k in keys}
+    tokens = micro * seq
+    return {"model": gpt2_124m().model_dump(), "params": num_params(gpt2_124m(), LOSS_VOCAB)["total"],
+            "vocab_size": LOSS_VOCAB, "seq_len": seq, "micro_batch_size": micro, "precision": "fp32",
+            "logits_fp32_bytes": tokens * LOSS_VOCAB * 4, "methods": methods, "saving": saving,
+            "same_loss": abs(ce["loss"] - ch["loss"]) < 1e-4,
+            "target": {"target": f">= {TARGETS['loss_step_saving']:.0%} less (training step)",
+                       "measured": saving["step_alloc_peak"],
+                       "met": saving["step_alloc_peak"] >= TARGETS["loss_step_saving"]}}
+
+
+def measure_startup(work: Path, timeout: float) -> dict:
+    from lmforge.config.model import ModelConfig
+    from lmforge.models import num_params
+
+    n = num_params(ModelConfig(**MODEL), STARTUP_VOCAB)["total"]
+    full = 4 * n  # the full model's fp32 bytes
+    spec = {"model": MODEL, "vocab": STARTUP_VOCAB, "ds_json": str(zero_json(3, work))}
+    methods = {}
+    for method in ("whole", "partitioned"):
+        r = launch("startup", f"startup_{method}", {**spec, "partitioned": method == "partitioned"}, work, WORLD,
+                   timeout)
+        assert all(x["params"] == n for x in r["ranks"]), "parameter count differs from lmforge.models.num_params"
+
+        def over(key: str, field: str, r=r) -> list[int]:
+            return [x[key][field] - x["before_build"]["rss_bytes"] for x in r["ranks"]]
+
+        build, startup, after = over("after_build", "peak_rss_bytes"), over("after_initialize", "peak_rss_bytes"), \
+            over("after_initialize", "rss_bytes")
+        methods[method] = {
+            "build_peak_bytes": build, "startup_peak_bytes": startup, "after_initialize_bytes": after,
+            "build_peak_vs_fp32_model": round(max(build) / full, 3),
+            "startup_peak_vs_fp32_model": round(max(startup) / full, 3),
+            "after_initialize_vs_fp32_model": round(max(after) / full, 3),
+            "startup_transient_vs_fp32_model": round(max(s - a for s, a in zip(startup, after, strict=True)) / full, 3),
+            "build_seconds": [x["build_seconds"] for x in r["ranks"]],
+            "initialize_seconds": [x["initialize_seconds"] for x in r["ranks"]], "wall_seconds": r["wall_seconds"]}
+        m = methods[method]
+        print(f"[bench] ZeRO-3 start-up, {method:11s}: build peak {max(build) / 1e9:.2f} GB "
+              f"({m['build_peak_vs_fp32_model']:.2f}x the fp32 model), through initialize {max(startup) / 1e9:.2f} GB, "
+              f"after it {max(after) / 1e9:.2f} GB; build {max(m['build_seconds']):.1f} s", flush=True)
+    measured = methods["partitioned"]["build_peak_vs_fp32_model"]
+    return {"model": MODEL, "params": n, "vocab_size": STARTUP_VOCAB, "world_size": WORLD, "precision": "fp32",
+            "fp32_model_bytes": full, "bucket_elements": BUCKET, "methods": methods,
+            "target": {"target": f"<= {TARGETS['zero3_startup_vs_fp32_model']}x the fp32 model (build peak, per rank)",
+                       "measured": measured, "met": measured <= TARGETS["zero3_startup_vs_fp32_model"]}}
+
+
+def memory_table(report: dict) -> list[str]:
+    """The Memory at scale section of BENCHMARKS.md."""
+    loss, start, m = report["loss"], report["startup"], report["machine"]
+
+    def gb(x: float) -> str:
+        return f"{x / 1e9:.2f}"
+
+    def met(t: dict) -> str:
+        return "met" if t["met"] else "**NOT MET**"
+
+    ce, ch, sv = loss["methods"]["cross_entropy"], loss["methods"]["chunked"], loss["saving"]
+    lines = [
+        BEGIN,
+        f"Measured {report['date']} by `python bench/memory.py` on **{m['cpus']} CPU cores** ({m['processor']}, torch "
+        f"{report['versions']['torch']}, DeepSpeed {report['versions']['deepspeed']}, transformers "
+        f"{report['versions']['transformers']}). Raw figures: `bench/results/memory.json`.",
+        "",
+        f"**The loss without fp32 [tokens, vocab] tensors.** One training step (forward, backward, AdamW step; its "
+        "moments allocated before, as in every step but the first) of "
+        f"GPT-2 124M ({loss['params'] / 1e6:.0f}M parameters, vocab {loss['vocab_size']:,}), micro "
+        f"{loss['micro_batch_size']} x seq {loss['seq_len']:,}, fp32 on CPU, each loss in a fresh process: "
+        "`F.cross_entropy(logits.float())` (before) and `lmforge.loss.token_loss` (DeepSpeed's chunked cross "
+        "entropy). *Allocated*: the peak of torch's CPU allocator above where it stood before (live tensor bytes, "
+        "from the profiler's allocation events); *RSS*: the peak resident memory above the RSS before (glibc "
+        "returning blocks over 64 KB at once). The fp32 logits alone are "
+        f"{gb(loss['logits_fp32_bytes'])} GB. *Output projection + loss*: the last matmul and the loss over the "
+        "step's hidden states, fp32; *bf16 loss*: the loss alone over bf16 logits, as a bf16 GPU step computes it.",
+        "",
+        "| | cross entropy GB | chunked GB | saving |",
+        "|---|---:|---:|---:|",
+        f"| training step, allocated | {gb(ce['step_alloc_peak_bytes'])} | {gb(ch['step_alloc_peak_bytes'])} | "
+        f"{sv['step_alloc_peak']:.0%} |",
+        f"| training step, RSS | {gb(ce['step_rss_peak_over_start_bytes'])} | "
+        f"{gb(ch['step_rss_peak_over_start_bytes'])} | {sv['step_rss_peak_over_start']:.0%} |",
+        f"| output projection + loss (fp32), allocated | {gb(ce['head_loss_alloc_peak_bytes'])} | "
+        f"{gb(ch['head_loss_alloc_peak_bytes'])} | {sv['head_loss_alloc_peak']:.0%} |",
+        f"| loss over bf16 logits, allocated | {gb(ce['bf16_loss_alloc_peak_bytes'])} | "
+        f"{gb(ch['bf16_loss_alloc_peak_bytes'])} | {sv['bf16_loss_alloc_peak']:.0%} |",
+        "",
+        f"Step time {ce['step_seconds']:.0f} s (cross entropy) and {ch['step_seconds']:.0f} s (chunked); first-step "
+        f"losses {ce['loss']:.5f} and {ch['loss']:.5f}. Target: {loss['target']['target']}: "
+        f"{loss['target']['measured']:.0%}, {met(loss['target'])}. With fp32 logits cross entropy peaks with three "
+        "fp32 [tokens, vocab] tensors (the log-softmax it saves, its gradient, the logits' gradient; nothing else "
+        "holds the logits once the log-softmax exists), the chunked loss with two (the logits it saves for "
+        f"backward, their gradient): one {gb(loss['logits_fp32_bytes'])} GB tensor less. The rest of the step is "
+        "the model's own activations and gradients. With bf16 logits (a GPU run) cross entropy's fp32 copy, "
+        "log-softmax and gradients all go, the last row. GPU figures (bf16, `device_loss_memory`) need a GPU: "
+        "not measured here.",
+        "",
+        f"**ZeRO-3 start-up.** Per rank, {start['world_size']} ranks, a {start['params'] / 1e6:.0f}M-parameter "
+        f"Llama ({start['model']['hidden_size']} hidden, {start['model']['num_layers']} layers, vocab "
+        f"{start['vocab_size']:,}; fp32 model {gb(start['fp32_model_bytes'])} GB), ZeRO-3 in fp32, from before the "
+        "build through `engine.initialize`: RSS above the rank's RSS before the build (imports and process group "
+        "done), the worse rank. *Whole*: `build_model` as before, then DeepSpeed partitions it; *partitioned*: "
+        "built inside `engine.model_context(ds_config)` (`deepspeed.zero.Init`, same weights for the same seed). "
+        "On CPU `initialize` then allocates ZeRO-3's optimizer states (fp32 partition copy, gradient partition, "
+        "Adam moments) in the same host memory; on a GPU they, and the partitioned build itself, live on the GPU.",
+        "",
+        "| build | build peak GB | vs fp32 model | peak through initialize GB | after initialize GB | build s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, r in start["methods"].items():
+        lines.append(f"| {method} | {gb(max(r['build_peak_bytes']))} | {r['build_peak_vs_fp32_model']:.2f}x | "
+                     f"{gb(max(r['startup_peak_bytes']))} | {gb(max(r['after_initialize_bytes']))} | "
+                     f"{max(r['build_seconds']):.1f} |")
+    embedding = start["vocab_size"] * start["model"]["hidden_size"] * 4
+    lines += ["", f"Target: {start['target']['target']}: {start['target']['measured']:.2f}x, {met(start['target'])}. "
+              f"A rank's own half is 0.50x; above it, the largest transient is the gather of the largest tensor for "
+              f"its initialisation (the embedding, {embedding / 1e6:.0f} MB: the gathered copy and gloo's all-gather "
+              "buffer), then the LM head built and then tied to the embedding (as in the whole build). With 2 ranks "
+              "on CPU the peak through `initialize` is DeepSpeed's own (its optimizer states): the same for both "
+              "builds. Building partitioned costs the gathers and broadcasts of the initialisation (build time "
+              "above; 2 busy cores).",
+              END]
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Memory at scale: the chunked loss and ZeRO-3 start-up")
+    parser.add_argument("--only", choices=["loss", "startup"], help="measure one part (the other is kept from OUT)")
+    parser.add_argument("--micro", type=int, default=LOSS_MICRO, help="loss: micro batch (default 4)")
+    parser.add_argument("--seq", type=int, default=LOSS_SEQ, help="loss: tokens per row (default 1,024)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for memory.json")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "memory", help="scratch folder")
+    parser.add_argument("--no-table", action="store_true", help="leave BENCHMARKS.md as it is")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.spec.read_text())
+        result = {"loss": loss_child, "startup": startup_child}[args.child](spec)
+        if os.environ.get("RANK", "0") == "0":
+            Path(spec["result"]).write_text(json.dumps(result))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # see bench/train.py: a DeepSpeed/gloo thread left at interpreter exit can abort the process
+
+    import deepspeed
+    import torch
+    import transformers
+
+    began = time.perf_counter()
+    args.work.mkdir(parents=True, exist_ok=True)
+    out = args.out / "memory.json"
+    report = json.loads(out.read_text()) if args.only and out.exists() else {}
+    if args.only != "startup":
+        report["loss"] = measure_loss(args.work, args.micro, args.seq, timeout=1800)
+    if args.only != "loss":
+        report["startup"] = measure_startup(args.work, timeout=900)
+    report.update({
+        "benchmark": "memory", "date": time.strftime("%Y-%m-%d"),
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "gpu": torch.cuda.is_available()},
+        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                     "transformers": transformers.__version__},
+        "seconds": round(time.perf_counter() - began, 1)})
+    report["targets"] = {k: report[k]["target"] for k in ("loss", "startup") if k in report}
+    args.out.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"[bench] wrote {out} ({report['seconds']:.0f} s)")
+    for key, t in report["targets"].items():
+        print(f"[bench] {key}: {t['measured']} (target {t['target']}) {'met' if t['met'] else 'NOT MET'}")
+    full_shapes = report.get("loss", {}).get("micro_batch_size") == LOSS_MICRO and \
+        report.get("loss", {}).get("seq_len") == LOSS_SEQ
+    if not args.no_table and {"loss", "startup"} <= report.keys() and full_shapes:
+        from bench.report import write_section
+
+        write_section(ROOT / "BENCHMARKS.md", BEGIN, END, "Memory at scale", "\n".join(memory_table(report)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

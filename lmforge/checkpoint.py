@@ -333,6 +333,25 @@ def _config(folder: Path):
     return AutoConfig.from_pretrained(folder)
 
 
+def publish_final(run_dir: Path, hf_config, state_dict: dict, probe: torch.Tensor, engine_logits: torch.Tensor,
+                  device: torch.device, dtype: torch.dtype, tolerance: float | None, summary: dict) -> float:
+    """Rank 0, once the other ranks have left (nothing here may keep them waiting in a collective):
+    RUN_DIR/final from the weights with the last checkpoint's lineage and card, its logits checked against
+    the engine's on the same device and dtype, and summary.json. Past `tolerance` (default 1e-4 in fp32,
+    5e-2 in bf16) the export is moved aside and CheckpointError fails the run. Returns the difference."""
+    run_dir, final = Path(run_dir), Path(run_dir) / "final"
+    record = latest(run_dir / "checkpoints").record
+    export_hf(final, hf_config, state_dict, run_dir / "tokenizer", record["lineage"], record["card"])
+    diff = parity(final, probe, engine_logits, device, dtype)
+    tolerance = tolerance or (1e-4 if dtype == torch.float32 else 5e-2)
+    write_summary(run_dir, {**summary, "export_parity_max_abs_diff": diff, "export_parity_tolerance": tolerance})
+    if not diff <= tolerance:
+        aside = quarantine(final)  # a folder that does not reproduce the engine is not a finished run's export
+        raise CheckpointError(f"the export's logits differ from the engine's by {diff:.3g} > {tolerance:.3g} "
+                              f"(eval.parity_tolerance); kept aside as {aside} for inspection")
+    return diff
+
+
 def config_digest(hf_config) -> str:
     """A digest of a model's architecture (its transformers config without what varies between saves of the
     same model): a resume on a different model is refused."""

@@ -74,6 +74,11 @@ class Health:
     def exhausted(self) -> bool:
         return self.streak >= self.max_bad
 
+    def abort_message(self) -> str:
+        return (f"error: {self.streak} consecutive steps with a non-finite loss or gradient (train.max_bad_steps); "
+                "stopping without saving. The last checkpoint holds finite weights: lower optim.lr, raise warmup, "
+                "or check the data, then rerun to resume")
+
 
 class Window:
     """Per-step losses since the last log line, summed on the device (no host sync per step) and reduced
@@ -122,10 +127,21 @@ def prefetch(batches: Iterable[torch.Tensor], device: torch.device) -> Iterator[
         yield ahead
 
 
-def status(stage: str, step: int, max_steps: int, metrics: dict, eta: str) -> str:
-    """The periodic one-line training status (rank 0 prints it)."""
+def memory(device: torch.device) -> dict[str, float]:
+    """Peak memory of any rank since the last call, in GB (one collective): allocated, and on CUDA reserved
+    too (what the caching allocator holds: the figure an out-of-memory error is about)."""
+    from lmforge.throughput import memory_window
+
+    mem = memory_window(device)
+    allocated, reserved = eng.all_reduce_max_list([mem["allocated"], mem["reserved"]], device)
+    return {"train/memory_gb": allocated / 1e9} | ({"train/memory_reserved_gb": reserved / 1e9}
+                                                    if device.type == "cuda" else {})
+
+
+def status(step: int, max_steps: int, metrics: dict, eta: str) -> str:
+    """The periodic one-line training status (rank 0 prints it after the stage's name)."""
     norm = metrics.get("train/grad_norm")
-    return (f"[{stage}] step {step}/{max_steps} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e} | "
+    return (f"step {step}/{max_steps} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e} | "
             f"gnorm {norm if norm is not None else float('nan'):.3f} | {metrics['train/tokens_per_s']:,.0f} tok/s | "
             f"MFU {100 * metrics['train/mfu']:.1f}% | mem {metrics['train/memory_gb']:.2f} GB"
             + (f" (reserved {metrics['train/memory_reserved_gb']:.2f})" if "train/memory_reserved_gb" in metrics else "")

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from lmforge import atomic
 from lmforge import checkpoint as ckpt
-from lmforge import engine as eng
 from lmforge.lease import Lease, LeaseError
 
 # Why a run stops before max_steps: a signal number (below 65), or one of these. The ranks agree on the
@@ -35,15 +34,99 @@ ORPHANED = 1001  # the launcher (torchrun's agent) died: stop after a save inste
 LEASE_LOST = 1002  # another launch took the run folder over
 
 
+def _engine():
+    """lmforge.engine imports DeepSpeed (seconds): only once a launch is known to go ahead."""
+    from lmforge import engine
+
+    return engine
+
+
+def catch_signals() -> list[int]:
+    """Record SIGTERM and SIGUSR1 (Slurm's preemption and time-limit notices, torchrun's forwarding) from now
+    on, start-up included; the run acts on them at the next step boundary. Call first thing in `main`."""
+    received: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, lambda num, frame: received.append(num))
+    return received
+
+
 class RunError(Exception):
     """A launch that must not go on (the folder is busy, a checkpoint does not fit); exit status 2."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a launch will do, known before any work: ranks, batch arithmetic, precision, DeepSpeed config."""
+
+    world: int
+    micro: int  # sequences (or examples) per rank per forward
+    accum: int  # micro-batches per optimizer step
+    global_batch: int  # sequences per optimizer step, all ranks
+    dtype: object  # torch.dtype of the weights and the forward
+    ds: dict  # the full DeepSpeed config
+
+    @classmethod
+    def make(cls, batch, engine_cfg, optim) -> Plan:
+        """From a stage config's `batch`, `engine` and `optim` sections; EngineError names a bad key."""
+        import torch
+
+        world = _engine().launch_world()
+        micro, accum, global_batch = _engine().resolve_batch(batch.micro_batch_size, batch.grad_accum,
+                                                       batch.global_batch_size, world)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _engine().resolve_precision(engine_cfg.precision, device)
+        ds = _engine().ds_config(_engine().read_zero_json(engine_cfg.deepspeed), micro, accum, global_batch, dtype, optim, device)
+        return cls(world, micro, accum, global_batch, dtype, ds)
+
+    @property
+    def precision(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def zero_stage(self) -> int:
+        return _engine().zero_stage(self.ds)
+
+    def dry_run(self, config_yaml: str, facts: dict, hf_config, seq_len: int, max_steps: int, source: str) -> None:
+        """Print what `--dry-run` promises: the resolved config, the DeepSpeed JSON, tokens per step,
+        parameters and FLOPs per token."""
+        import json
+
+        from lmforge.models import human
+
+        tokens = self.global_batch * seq_len
+        print(config_yaml, end="")
+        print("# DeepSpeed config (ZeRO file + injected batch, precision, optimizer, clipping):")
+        print(json.dumps(self.ds, indent=2))
+        print(f"# world size {self.world}: global batch {self.global_batch} sequences = micro {self.micro} x accum "
+              f"{self.accum} x {self.world} ranks; {tokens:,} tokens per step, {tokens * max_steps:,} in all")
+        print(f"# parameters: {facts['total']:,} ({human(facts['total'])}; non-embedding "
+              f"{human(facts['non_embedding'])}); {hf_config.model_type}, vocab {hf_config.vocab_size:,}, from {source}")
+        print(f"# FLOPs per token (training, 6N + attention): {facts['flops_per_token']:,}; per step "
+              f"{facts['flops_per_token'] * tokens:.3e}; precision {self.precision}")
+
+    def resume_checks(self, hf_config, seed: int) -> dict[str, tuple[object, str]]:
+        """What every training stage's checkpoint must share with this launch (see `Run.check_resume`)."""
+        from lmforge.checkpoint import config_digest
+
+        return {
+            "model_digest": (config_digest(hf_config), "was saved by a different model config; use a new run_dir, "
+                             "or restore the model it was trained with (see its config.yaml)"),
+            "seed": (seed, "used another train.seed, which sets the data order (a new one would repeat and skip "
+                     "examples); restore it"),
+            "dtype": (self.precision, "trained in another precision; restore engine.precision"),
+            "global_batch_size": (self.global_batch, "trained with another global batch; set "
+                                  "batch.global_batch_size to the saved value so the run's math stays the same on "
+                                  "any number of ranks"),
+            "zero_stage": (self.zero_stage, "was saved with another ZeRO stage; resume with the original DeepSpeed "
+                           "config"),
+        }
 
 
 @dataclass
 class Run:
     stage: str
     dir: Path
-    dist: eng.Dist
+    dist: object  # engine.Dist: rank, world, local_rank, device
     launched: float  # time.perf_counter() at launch: train.max_time counts start-up too
     resume: ckpt.Checkpoint | None = None
     lease: Lease | None = None
@@ -64,18 +147,16 @@ class Run:
 
     @classmethod
     def open(cls, stage: str, run_dir: Path, launched: float, collective_timeout: float,
-             lease_ttl: float = 120.0) -> Run:
+             lease_ttl: float = 120.0, signals: list[int] | None = None) -> Run:
         """Join the process group, take the run folder's lease, clean up after a crash and choose the
         checkpoint to resume from (all on rank 0, the outcome broadcast). Raises RunError."""
         try:
-            d = eng.setup_distributed(collective_timeout)
-        except eng.EngineError as e:  # a launch that cannot be mapped to ranks (see engine.launcher_env)
+            d = _engine().setup_distributed(collective_timeout)
+        except _engine().EngineError as e:  # a launch that cannot be mapped to ranks (see engine.launcher_env)
             raise RunError(str(e)) from None
-        run = cls(stage, Path(run_dir), d, launched)
         # Slurm sends SIGTERM (or --signal=USR1@T) before a time limit or on preemption. The handler only
         # records it; the ranks agree at the next step boundary, save, and exit 0 together.
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, lambda num, frame: run.signals.append(num))
+        run = cls(stage, Path(run_dir), d, launched, signals=catch_signals() if signals is None else signals)
         if launcher() in ("torchrun", "deepspeed"):  # their workers outlive a SIGKILLed agent
             run.launcher_pid = os.getppid()
         problem, resume = None, None
@@ -89,7 +170,7 @@ class Run:
                 resume = ckpt.latest(run.checkpoints)
             except (LeaseError, ckpt.CheckpointError, OSError) as e:
                 problem = str(e)
-        problem, run.resume = eng.broadcast_object((problem, resume))
+        problem, run.resume = _engine().broadcast_object((problem, resume))
         if problem:
             run.close(2)
             raise RunError(problem)
@@ -116,7 +197,7 @@ class Run:
                 result = fn()
             except errors as e:
                 problem = str(e)
-        result, problem = eng.broadcast_object((result, problem))
+        result, problem = _engine().broadcast_object((result, problem))
         if problem:
             self.close(2)
             raise RunError(problem)
@@ -126,7 +207,7 @@ class Run:
         """Whether an earlier launch already trained `max_steps` and exported them (rank 0 decides)."""
         done = (self.resume is not None and self.resume.step >= max_steps
                 and ckpt.exported_step(self.dir / "final") == self.resume.step) if self.dist.is_main else None
-        return bool(eng.broadcast_object(done))
+        return bool(_engine().broadcast_object(done))
 
     def publish(self, config, tokenizer: Path) -> None:
         """config.yaml, and the tokenizer the run trains with, into the run folder (rank 0); a barrier.
@@ -140,7 +221,7 @@ class Run:
                 atomic.publish_folder(self.dir / "tokenizer", lambda tmp: [
                     (tmp / n).write_bytes((Path(tokenizer) / n).read_bytes())
                     for n in ckpt.TOKENIZER_FILES if (Path(tokenizer) / n).is_file()])
-        eng.barrier()
+        _engine().barrier()
 
     # -- resuming -----------------------------------------------------------------------------------
 
@@ -150,7 +231,7 @@ class Run:
         `ds` is switched to load it; call before the engine is built."""
         if self.resume is None:
             return None
-        saved, stage = self.resume.record.get("world_size"), eng.zero_stage(ds)
+        saved, stage = self.resume.record.get("world_size"), _engine().zero_stage(ds)
         if saved == self.dist.world or stage == 0:
             return self.resume.tag
         if not universal:
@@ -163,14 +244,14 @@ class Run:
             self.say(f"{self.resume.path} was saved on {saved} ranks; converting it to a universal checkpoint for "
                      f"{self.dist.world} (the other ranks wait up to engine.collective_timeout)")
             try:
-                tag = eng.convert_to_universal(self.resume.path)
+                tag = _engine().convert_to_universal(self.resume.path)
             except Exception as e:  # a damaged or vanished checkpoint: every rank must hear it
                 problem = f"converting {self.resume.path} to a universal checkpoint failed: {type(e).__name__}: {e}"
-        tag, problem = eng.broadcast_object((tag, problem))
+        tag, problem = _engine().broadcast_object((tag, problem))
         if problem:
             self.close(2)
             raise RunError(problem)
-        eng.enable_universal_load(ds)
+        _engine().enable_universal_load(ds)
         return tag
 
     def load(self, engine, tag: str, seed_for_rank) -> tuple[dict, float]:
@@ -179,16 +260,16 @@ class Run:
         began = time.perf_counter()
         path = self.resume.path
         try:
-            eng.load_checkpoint(engine, self.checkpoints, tag)
+            _engine().load_checkpoint(engine, self.checkpoints, tag)
             if tag != self.resume.tag:
-                eng.fix_zero3_universal_load(engine, path)
+                _engine().fix_zero3_universal_load(engine, path)
         except Exception as e:
             if not (path / ckpt.RECORD).is_file():  # pruned or deleted under us: say so, not a bare assert
                 self.close(2)
                 raise RunError(f"{path} disappeared while it was being loaded ({type(e).__name__}); another "
                                "launch is pruning this run folder? Make sure only one job uses it, then rerun") from None
             raise
-        saved = eng.broadcast_object(ckpt.rng_ranks(path) if self.dist.is_main else None)
+        saved = _engine().broadcast_object(ckpt.rng_ranks(path) if self.dist.is_main else None)
         if not ckpt.load_rng(path, self.dist.rank, saved):  # a rank the saving run did not have
             import torch
 
@@ -196,6 +277,14 @@ class Run:
         return self.resume.record, time.perf_counter() - began
 
     # -- stopping -----------------------------------------------------------------------------------
+
+    def tracker(self, cfg, config: dict, step: int):
+        """The rank-0 tracker (metrics.jsonl, W&B, plots), continuing the checkpoint's W&B run on a resume."""
+        from lmforge.tracking import Tracker
+
+        return Tracker(self.dir, cfg, self.stage, config, self.dist.rank,
+                       run_id=self.resume.record.get("wandb_id") if self.resume else None,
+                       resume_step=step + 1 if self.resume else None)
 
     def owns(self) -> bool:
         """Rank 0: whether this launch still holds the run folder's lease (checked now, not by the renewer)."""
@@ -212,7 +301,7 @@ class Run:
         elif max_time is not None and time.perf_counter() - self.launched > max_time:
             flag = OUT_OF_TIME
         flag = max([flag, *self.signals])
-        return int(eng.all_reduce_max(float(flag), self.dist.device))
+        return int(_engine().all_reduce_max(float(flag), self.dist.device))
 
     @staticmethod
     def stop_reason(code: int) -> str:
@@ -222,7 +311,7 @@ class Run:
 
     def close(self, code: int = 0) -> int:
         """Leave the process group and release the lease; returns `code` (the stage's exit status)."""
-        eng.teardown()
+        _engine().teardown()
         if self.lease is not None:
             self.lease.release()
             self.lease = None
@@ -231,7 +320,7 @@ class Run:
     def leave(self) -> None:
         """Tear down the process group now, keeping the lease (rank 0 still has single-process work to do:
         nothing that could keep the other ranks waiting in a collective)."""
-        eng.teardown()
+        _engine().teardown()
 
 
 def launcher() -> str:

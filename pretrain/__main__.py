@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,10 +28,11 @@ from lmforge.config import to_yaml
 from lmforge.config.command import parse_command
 from lmforge.config.pretrain import PretrainConfig
 from lmforge.data.sampler import WindowSampler, eval_windows
-from lmforge.data.shards import ShardError, TokenShards, read_meta
+from lmforge.data.shards import ShardError, TokenShards, read_meta, split_digest
 from lmforge.models import ModelError, build, describe, human, model_config
+from lmforge.run import LEASE_LOST, Plan, Run, RunError, catch_signals, command_line, device_name, fail
 from lmforge.schedule import lr_at, schedule_change
-from lmforge.throughput import Meter, device_peak, duration, memory_window
+from lmforge.throughput import Meter, device_peak, duration
 from lmforge.tokenizer import pad_token_id
 
 STAGE = "pretrain"
@@ -46,6 +46,7 @@ def rank_seed(seed: int, rank: int, step: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     launched = time.perf_counter()  # train.max_time counts start-up too: the scheduler's clock already runs
+    stops = catch_signals()  # a SIGTERM during start-up (imports, rendezvous) is acted on at the first step
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, args = parse_command(PROG, PretrainConfig, argv, __doc__.split("\n")[0],
                               extra={"--local_rank": {"type": int, "help": argparse.SUPPRESS}},  # deepspeed launcher
@@ -53,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     from lmforge import engine as eng  # imports DeepSpeed: after the config is known to be good
     from lmforge import loop
     from lmforge.loss import token_loss
-    from lmforge.run import LEASE_LOST, Run, RunError, command_line, device_name, fail
 
     # -- what the data and the model say, and the batch arithmetic: errors before any work ---------
     try:
@@ -62,52 +62,31 @@ def main(argv: list[str] | None = None) -> int:
         hf_config = model_config(cfg.model, cfg.init_from, int(tok["vocab_size"]), int(tok["eos_id"]),
                                  pad_token_id(Path(cfg.data.path) / "tokenizer"), cfg.data.seq_len)
         facts = describe(hf_config, cfg.data.seq_len)  # parameters and FLOPs of the model actually trained
-        world = eng.launch_world()
-        micro, accum, global_batch = eng.resolve_batch(cfg.batch.micro_batch_size, cfg.batch.grad_accum,
-                                                       cfg.batch.global_batch_size, world)
-        device_guess = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = eng.resolve_precision(cfg.engine.precision, device_guess)
-        ds = eng.ds_config(eng.read_zero_json(cfg.engine.deepspeed), micro, accum, global_batch, dtype, cfg.optim,
-                           device_guess)
+        plan = Plan.make(cfg.batch, cfg.engine, cfg.optim)
     except (ShardError, ModelError, eng.EngineError) as e:
         return fail(PROG, e)
+    micro, accum, global_batch, dtype, ds = plan.micro, plan.accum, plan.global_batch, plan.dtype, plan.ds
     tokens_per_step = global_batch * cfg.data.seq_len
-    precision = str(dtype).removeprefix("torch.")
     if args.dry_run:
-        print(to_yaml(cfg), end="")
-        print("# DeepSpeed config (ZeRO file + injected batch, precision, optimizer, clipping):")
-        print(json.dumps(ds, indent=2))
-        print(f"# world size {world}: global batch {global_batch} sequences = micro {micro} x accum {accum} x "
-              f"{world} ranks; {tokens_per_step:,} tokens per step, {tokens_per_step * cfg.train.max_steps:,} in all")
-        print(f"# parameters: {facts['total']:,} ({human(facts['total'])}; non-embedding "
-              f"{human(facts['non_embedding'])}); {hf_config.model_type}, vocab {hf_config.vocab_size:,}"
-              + (f", from {cfg.init_from}" if cfg.init_from else ""))
-        print(f"# FLOPs per token (training, 6N + attention): {facts['flops_per_token']:,}; per step "
-              f"{facts['flops_per_token'] * tokens_per_step:.3e}; precision {precision}")
+        plan.dry_run(to_yaml(cfg), facts, hf_config, cfg.data.seq_len, cfg.train.max_steps,
+                     str(cfg.init_from or "model") + f"; data {cfg.data.path}")
         return 0
 
     # -- the run: process group, lease, the resume decision, checks before anything is overwritten --
+    train, val = TokenShards(cfg.data.path, "train"), TokenShards(cfg.data.path, "val")
     try:
-        run = Run.open(STAGE, cfg.run_dir, launched, cfg.engine.collective_timeout, cfg.train.lease_timeout)
-        run.check_resume({
-            "model_digest": (ckpt.config_digest(hf_config), "was saved by a different model config; use a new run_dir, "
-                             "or restore the model it was trained with (see its config.yaml)"),
-            "data_fingerprint": (meta["source_fingerprint"], "was trained on different data (fingerprint); use a new "
-                                 "run_dir or the original data"),
-            "tokenizer_hash": (tok["hash"], "was trained on data tokenized with another tokenizer; use a new run_dir"),
-            "data_split": (data_split(meta), "was trained on another train/val split of the data; use a new run_dir"),
-            "seq_len": (cfg.data.seq_len, "used another data.seq_len; restore it"),
-            "seed": (cfg.train.seed, "used another train.seed, which sets the data order (a new one would repeat and "
-                     "skip windows); restore it"),
-            "dtype": (precision, "trained in another precision; restore engine.precision"),
-            "global_batch_size": (global_batch, "trained with another global batch; set batch.global_batch_size to "
-                                  "the saved value so the run's math stays the same on any number of ranks"),
-            "zero_stage": (eng.zero_stage(ds), "was saved with another ZeRO stage; resume with the original "
-                           "DeepSpeed config"),
-        })
+        run = Run.open(STAGE, cfg.run_dir, launched, cfg.engine.collective_timeout, cfg.train.lease_timeout,
+                       stops)
+        run.check_resume({**plan.resume_checks(hf_config, cfg.train.seed),
+                          "data_fingerprint": (meta["source_fingerprint"], "was trained on different data "
+                                               "(fingerprint); use a new run_dir or the original data"),
+                          "tokenizer_hash": (tok["hash"], "was trained on data from another tokenizer; use a new run_dir"),
+                          "data_split": (split_digest(meta), "was trained on another split of the data; use a new run_dir"),
+                          "seq_len": (cfg.data.seq_len, "used another data.seq_len; restore it")})
         if run.finished(cfg.train.max_steps):
             run.say(f"{run.dir} already finished {run.resume.step} steps; final model in {run.dir / 'final'}")
             return run.close(0)
+        run.on_main(lambda: (train.verify(), val.verify()), (ShardError,))  # every shard whole: one rank looks
         run.publish(cfg, Path(cfg.data.path) / "tokenizer")
         resume_tag = run.resume_tag(ds, cfg.engine.universal_checkpoint)
     except RunError as e:
@@ -115,12 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     d, device = run.dist, run.dist.device
 
     # -- data: a global, rank-free order of windows; a fixed validation set ------------------------
-    train = TokenShards(cfg.data.path, "train")
-    val = TokenShards(cfg.data.path, "val")
-    try:  # every shard there and whole: one rank looks (a stat per file), not every rank
-        run.on_main(lambda: (train.verify(), val.verify()), (ShardError,))
-    except RunError as e:
-        return fail(PROG, e)
     sampler = WindowSampler(train, cfg.data.seq_len, cfg.train.seed)
     val_ids = eval_windows(val, cfg.data.seq_len, cfg.eval.windows)
 
@@ -152,15 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         if (change := schedule_change(record.get("max_steps"), cfg.train.max_steps, step, cfg.optim)):
             run.say(change)
 
-    from lmforge.tracking import Tracker
-
-    tracker = Tracker(run.dir, cfg.tracking, STAGE, cfg.model_dump(mode="json"), d.rank,
-                      run_id=run.resume.record.get("wandb_id") if run.resume else None,
-                      resume_step=step + 1 if run.resume else None)
+    tracker = run.tracker(cfg.tracking, cfg.model_dump(mode="json"), step)
     peak, peak_source = device_peak(device, dtype, cfg.engine.peak_flops)
     peak = eng.all_reduce_sum([peak], device)[0] / d.world  # CPU: the ranks' measurements, averaged
     run.say(f"{hf_config.model_type} {human(facts['total'])} parameters, {d.world} rank(s) on {device.type}, "
-            f"ZeRO-{eng.zero_stage(ds)}, {precision}"
+            f"ZeRO-{plan.zero_stage}, {plan.precision}"
             # read back from the model and the engine, not the config: an option that did not take shows here
             + (", activation checkpointing" if engine.module.is_activation_checkpointing else "")
             + (", torch.compile" if engine.is_compiled else "") + f"; global batch {global_batch} x "
@@ -193,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():  # greedy (no RNG drawn: a resumed run stays exact), a repetition penalty for a young model
             out = engine.module.generate(prompt, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
                                          repetition_penalty=1.3, pad_token_id=hf_config.eos_token_id,
-                                         eos_token_id=hf_config.eos_token_id, synced_gpus=eng.zero_stage(ds) == 3)
+                                         eos_token_id=hf_config.eos_token_id, synced_gpus=plan.zero_stage == 3)
         engine.train()
         return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
 
@@ -201,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         """The checkpoint's commit record: the position, what a resume checks, lineage and model card."""
         metrics = {k: v for k, v in last_eval.items() if isinstance(v, float)}
         return {"samples": position, "tokens": tokens_seen, "max_steps": cfg.train.max_steps,
-                "zero_stage": eng.zero_stage(ds), "global_batch_size": global_batch, "seq_len": cfg.data.seq_len,
-                "seed": cfg.train.seed, "dtype": precision, "model_digest": ckpt.config_digest(hf_config),
+                "zero_stage": plan.zero_stage, "global_batch_size": global_batch, "seq_len": cfg.data.seq_len,
+                "seed": cfg.train.seed, "dtype": plan.precision, "model_digest": ckpt.config_digest(hf_config),
                 "data_fingerprint": meta["source_fingerprint"], "tokenizer_hash": tok["hash"],
-                "data_split": data_split(meta), "wandb_id": tracker.run_id, "skipped_steps": health.skipped,
+                "data_split": split_digest(meta), "wandb_id": tracker.run_id, "skipped_steps": health.skipped,
                 "lineage": ckpt.lineage(STAGE, run.dir, at_step, tokens_seen, cfg.digest(), tok["hash"], {
                     "path": str(Path(cfg.data.path).resolve()), "fingerprint": meta["source_fingerprint"],
                     "config_digest": meta.get("config_digest"), "tokens": meta["splits"]["train"]["tokens"]},
@@ -253,23 +222,19 @@ def main(argv: list[str] | None = None) -> int:
             run.say(f"step {step}: non-finite gradient norm ({norm}); update skipped on all ranks "
                     f"({health.streak} in a row, {health.skipped} in all)")
             if health.exhausted:
-                run.say(f"error: {health.streak} consecutive steps with a non-finite loss or gradient "
-                        "(train.max_bad_steps); stopping without saving. The last checkpoint holds finite weights: "
-                        "lower optim.lr, raise warmup, or check the data, then rerun to resume", file=sys.stderr)
+                run.say(health.abort_message(), file=sys.stderr)
                 tracker.log(step, logged)
                 tracker.finish(exit_code=1)
                 return run.close(1)
         else:
             window.add(step_loss)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            rate, mem = meter.report(), memory_window(device)
-            mem_max = eng.all_reduce_max_list([mem["allocated"], mem["reserved"]], device)
+            rate = meter.report()
             logged.update({"train/loss": window.reduce(), "train/lr": lr, "train/grad_norm": norm,
                            "train/tokens_per_s": rate["tokens_per_s"], "train/mfu": rate["mfu"],
-                           "train/tokens": tokens_seen, "train/memory_gb": mem_max[0] / 1e9}
-                          | ({"train/memory_reserved_gb": mem_max[1] / 1e9} if device.type == "cuda" else {}))
-            run.say(loop.status(STAGE, step, cfg.train.max_steps, logged, duration(
-                (cfg.train.max_steps - step) * rate["step_seconds"]))[len(STAGE) + 3:])
+                           "train/tokens": tokens_seen, **loop.memory(device)})
+            run.say(loop.status(step, cfg.train.max_steps, logged,
+                                duration((cfg.train.max_steps - step) * rate["step_seconds"])))
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
             last_eval, text = evaluate(), sample()
             logged.update({**last_eval, "train/tokens": tokens_seen})
@@ -286,8 +251,12 @@ def main(argv: list[str] | None = None) -> int:
             tracker.finish(exit_code=1)
             return run.close(1)
         if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or stop:
-            save_seconds.append(ckpt.save(engine, run.checkpoints, step, d, record(step), retention, run.say,
+            try:
+                save_seconds.append(ckpt.save(engine, run.checkpoints, step, d, record(step), retention, run.say,
                                               run.owns))
+            except ckpt.CheckpointError as e:  # non-finite weights, or the run folder is someone else's now
+                tracker.finish(exit_code=1)
+                return run.close(fail(PROG, e, code=1))
             meter.reset()
         if stop:
             run.say(f"{run.stop_reason(stop)}: checkpoint saved at step {step}; rerun the same command to resume")
@@ -301,48 +270,30 @@ def main(argv: list[str] | None = None) -> int:
     engine.eval()
     with torch.no_grad():
         engine_logits = engine(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
-    module_config, final_record = engine.module.config, ckpt.latest(run.checkpoints).record if d.is_main else None
+    module_config = engine.module.config
     engine = model = None  # the engine's device memory goes before rank 0 reloads the export there
     run.leave()  # the other ranks are done: what follows is rank 0's alone, with no collective to time out
     tracker.finish()
     if not d.is_main:
         return run.close(0)
-    final = run.dir / "final"
-    ckpt.export_hf(final, module_config, state_dict, run.dir / "tokenizer", final_record["lineage"],
-                   final_record["card"])
-    del state_dict
-    diff = ckpt.parity(final, probe, engine_logits, device, dtype)
-    tolerance = cfg.eval.parity_tolerance or (1e-4 if dtype == torch.float32 else 5e-2)
     summary = {
         "steps": step, "tokens": tokens_seen, "seconds": round(elapsed, 2),
         "tokens_per_s": round((step - start_step) * tokens_per_step / max(elapsed, 1e-9), 1),
         "val_loss_start": first_eval["val/loss"] if first_eval else None,
         "val_ppl_start": first_eval["val/ppl"] if first_eval else None,
-        "val_loss": last_eval.get("val/loss"), "val_ppl": last_eval.get("val/ppl"),
-        "export_parity_max_abs_diff": diff, "export_parity_tolerance": tolerance, "world_size": d.world,
-        "zero_stage": eng.zero_stage(ds), "skipped_steps": health.skipped, "checkpoint_save_seconds": save_seconds,
+        "val_loss": last_eval.get("val/loss"), "val_ppl": last_eval.get("val/ppl"), "world_size": d.world,
+        "zero_stage": plan.zero_stage, "skipped_steps": health.skipped, "checkpoint_save_seconds": save_seconds,
         "checkpoint_load_seconds": load_seconds, "train_seconds": train_seconds}
-    ckpt.write_summary(run.dir, summary)
-    if not diff <= tolerance:
-        ckpt.quarantine(final)  # a folder that does not reproduce the engine is not a finished run's export
-        run.say(f"error: the export's logits differ from the engine's by {diff:.3g} > {tolerance:.3g} "
-                f"(eval.parity_tolerance); kept aside as {final.name}.failed for inspection", file=sys.stderr)
-        return run.close(1)
+    try:
+        diff = ckpt.publish_final(run.dir, module_config, state_dict, probe, engine_logits, device, dtype,
+                                  cfg.eval.parity_tolerance, summary)
+    except ckpt.CheckpointError as e:
+        return run.close(fail(PROG, e, code=1))
     start = f"{first_eval['val/ppl']:.1f} -> " if first_eval else ""
-    run.say(f"done: {step} steps, {tokens_seen:,} tokens in {duration(elapsed)} "
-            f"({summary['tokens_per_s']:,.0f} tok/s); val ppl {start}{last_eval.get('val/ppl', float('nan')):.1f}\n"
-            f"[{STAGE}] Hugging Face model: {final} (logits match the engine's to {diff:.1e}); plots: {run.dir / 'plots'}")
+    run.say(f"done: {step} steps, {tokens_seen:,} tokens in {duration(elapsed)} ({summary['tokens_per_s']:,.0f} "
+            f"tok/s); val ppl {start}{last_eval.get('val/ppl', float('nan')):.1f}\n[{STAGE}] Hugging Face model: "
+            f"{run.dir / 'final'} (logits match the engine's to {diff:.1e}); plots: {run.dir / 'plots'}")
     return run.close(0)
-
-
-def data_split(meta: dict) -> str:
-    """A digest of how the data was split into train/val and how much each holds: re-splitting changes
-    which windows exist, and a resume across it would break "exactly once"."""
-    import hashlib
-
-    split = {"split": meta.get("config", {}).get("split"),
-             "tokens": {s: v["tokens"] for s, v in meta["splits"].items()}}
-    return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:16]
 
 
 if __name__ == "__main__":

@@ -45,6 +45,16 @@ def write_shard(out_dir: Path, split: str, index: int, tokens: np.ndarray, doc_e
     return {"file": f"{stem}.bin", "tokens": int(tokens.size), "documents": int(doc_ends.size)}
 
 
+def split_digest(meta: dict) -> str:
+    """A digest of how the data was split into train/val and how much each holds: re-splitting changes
+    which windows exist, and a resume across it would break "exactly once"."""
+    import hashlib
+
+    split = {"split": meta.get("config", {}).get("split"),
+             "tokens": {s: v["tokens"] for s, v in meta["splits"].items()}}
+    return hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def read_meta(data_dir: str | os.PathLike) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.exists():
