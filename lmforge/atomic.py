@@ -24,6 +24,12 @@ def _umask() -> int:
     return mask
 
 
+def share(path: str | os.PathLike) -> None:
+    """Give a file written with private permissions (Python's and safetensors' temporary files) the mode an
+    ordinary file gets under the umask."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +38,7 @@ def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())  # the bytes are on disk before the name says they are complete
-    os.chmod(f.name, 0o666 & ~_umask())
+    share(f.name)
     os.replace(f.name, path)
 
 
@@ -52,6 +58,9 @@ def publish_folder(out: str | os.PathLike, fill: Callable[[Path], object]) -> No
     try:
         fill(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
+        for root, _, files in os.walk(tmp):  # what fill() wrote through libraries that create files 0600
+            for name in files:
+                share(os.path.join(root, name))
         sync_tree(tmp)
         # the old folder steps aside by a rename (atomic) and is deleted only once the new one is in
         # place: a kill at any point leaves `out` whole (old or new) or absent, never half-deleted

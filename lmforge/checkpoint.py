@@ -183,7 +183,8 @@ def remove_incomplete(root: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------------------------------
 # Fault injection (tests): LMFORGE_FAULT="POINT:STEP:RANK" SIGKILLs that rank when it reaches POINT
-# while saving step STEP (and "nan-loss" turns that rank's loss into NaN in the training loop).
+# while saving step STEP ("nan-loss" turns that rank's loss into NaN in the training loop; "export-slow"
+# and "export-drift" delay or corrupt rank 0's final export).
 # The save points, in the order a save passes them:
 FAULT_POINTS = ("save-begin", "save-mid-shards", "save-shards", "save-rng", "save-commit", "save-committed",
                 "save-pruned")
@@ -215,6 +216,7 @@ def save_rng(folder: Path, rank: int) -> None:
         tensors["cuda"] = torch.cuda.get_rng_state()
     tmp = folder / f".rng-rank{rank}.safetensors{atomic.TMP_SUFFIX}"
     save_file(tensors, str(tmp))
+    atomic.share(tmp)  # safetensors creates it 0600: a team's runs are readable like any file (umask)
     atomic.fsync_path(tmp)  # this rank wrote it: this rank makes it durable (see `save`)
     os.replace(tmp, folder / f"rng-rank{rank}.safetensors")
 
@@ -274,7 +276,7 @@ def model_class(hf_config):
 
 
 def generative(hf_config) -> bool:
-    return model_class(hf_config).__name__.endswith("ForCausalLM")
+    return model_class(hf_config).__name__.endswith(("ForCausalLM", "LMHeadModel"))  # GPT2LMHeadModel too
 
 
 def export_hf(out: Path, hf_config, state_dict: dict, tokenizer_dir: Path, lineage: dict, card: dict | None) -> None:
@@ -341,6 +343,10 @@ def publish_final(run_dir: Path, hf_config, state_dict: dict, probe: torch.Tenso
     5e-2 in bf16) the export is moved aside and CheckpointError fails the run. Returns the difference."""
     run_dir, final = Path(run_dir), Path(run_dir) / "final"
     record = latest(run_dir / "checkpoints").record
+    if fault_requested("export-slow", record["step"], 0):  # tests: a long export (a 70B model's) on rank 0 alone
+        time.sleep(float(os.environ.get("LMFORGE_FAULT_SECONDS", 30)))
+    if fault_requested("export-drift", record["step"], 0):  # tests: an export that does not match the engine
+        state_dict = {k: v + 0.5 if v.is_floating_point() else v for k, v in state_dict.items()}
     export_hf(final, hf_config, state_dict, run_dir / "tokenizer", record["lineage"], record["card"])
     diff = parity(final, probe, engine_logits, device, dtype)
     tolerance = tolerance or (1e-4 if dtype == torch.float32 else 5e-2)

@@ -148,6 +148,22 @@ def status(step: int, max_steps: int, metrics: dict, eta: str) -> str:
             + f" | ETA {eta}")
 
 
+def sample(engine, tokenizer_json: Path, prompt: str, max_new_tokens: int, eos_id: int, synced: bool) -> str:
+    """A greedy continuation of `prompt` (no RNG drawn: a resumed run stays exact), with a repetition penalty
+    so a young model's sample reads as text rather than one token over and over. Under ZeRO-3 (`synced`)
+    generation is a collective: every rank calls this."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False).ids], device=engine.device)
+    engine.eval()
+    with torch.no_grad():
+        out = engine.module.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.3,
+                                     pad_token_id=eos_id, eos_token_id=eos_id, synced_gpus=synced)
+    engine.train()
+    return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
+
+
 def trace_file(rank: int):
     """Tests: LMFORGE_TRACE_DIR makes every rank record the first tokens of each row it trains on."""
     trace_dir = os.environ.get("LMFORGE_TRACE_DIR")

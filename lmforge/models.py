@@ -129,13 +129,22 @@ def model_config(cfg: ModelConfig | None, init_from: Path | None, vocab_size: in
     if cfg is not None:
         mine = hf_config(cfg, vocab_size, eos_id, pad_id)
         keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "max_position_embeddings", "tie_word_embeddings")
+                "max_position_embeddings", "tie_word_embeddings")
         clash = [f"{k}: model says {getattr(mine, k, None)!r}, the folder {getattr(config, k, None)!r}" for k in keys
                  if getattr(config, k, None) != getattr(mine, k, None)]
+        clash += [f"{k}: model says {f(mine)!r}, the folder {f(config)!r}" for k, f in _DERIVED.items()
+                  if f(mine) != f(config)]
         if clash:
             raise ModelError(f"the model section contradicts init_from {folder}/config.json ({'; '.join(clash)}); "
                              "remove the model section (the folder's config is the architecture)")
     return config
+
+
+# Facts each family stores under its own name (GPT-2: n_inner, None for 4 x hidden; layer_norm_epsilon).
+_DERIVED = {
+    "mlp width": lambda c: getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size,
+    "norm epsilon": lambda c: getattr(c, "rms_norm_eps", None) or getattr(c, "layer_norm_epsilon", None),
+}
 
 
 def describe(config, seq_len: int) -> dict[str, int]:

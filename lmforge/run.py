@@ -41,6 +41,11 @@ def _engine():
     return engine
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """A seed for rank `rank`'s random stream from `step` on (dropout), distinct across ranks and steps."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+
+
 def catch_signals() -> list[int]:
     """Record SIGTERM and SIGUSR1 (Slurm's preemption and time-limit notices, torchrun's forwarding) from now
     on, start-up included; the run acts on them at the next step boundary. Call first thing in `main`."""
@@ -254,9 +259,9 @@ class Run:
         _engine().enable_universal_load(ds)
         return tag
 
-    def load(self, engine, tag: str, seed_for_rank) -> tuple[dict, float]:
-        """Load the chosen checkpoint into `engine` (every rank) and restore each rank's RNG stream
-        (`seed_for_rank(step)` seeds a rank the saving run did not have); returns (record, seconds)."""
+    def load(self, engine, tag: str, seed: int) -> tuple[dict, float]:
+        """Load the chosen checkpoint into `engine` (every rank) and restore each rank's RNG stream (a rank
+        the saving run did not have gets a stream of its own from `seed`); returns (record, seconds)."""
         began = time.perf_counter()
         path = self.resume.path
         try:
@@ -273,7 +278,7 @@ class Run:
         if not ckpt.load_rng(path, self.dist.rank, saved):  # a rank the saving run did not have
             import torch
 
-            torch.manual_seed(seed_for_rank(self.resume.step))
+            torch.manual_seed(rank_seed(seed, self.dist.rank, self.resume.step))
         return self.resume.record, time.perf_counter() - began
 
     # -- stopping -----------------------------------------------------------------------------------
@@ -285,6 +290,11 @@ class Run:
         return Tracker(self.dir, cfg, self.stage, config, self.dist.rank,
                        run_id=self.resume.record.get("wandb_id") if self.resume else None,
                        resume_step=step + 1 if self.resume else None)
+
+    def facts(self) -> dict:
+        """What the model card says of this launch: ranks, device, the command, the run's name."""
+        return {"world_size": self.dist.world, "device": device_name(self.dist.device),
+                "command": command_line(self.stage), "name": self.dir.name}
 
     def owns(self) -> bool:
         """Rank 0: whether this launch still holds the run folder's lease (checked now, not by the renewer)."""

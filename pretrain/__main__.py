@@ -30,18 +30,13 @@ from lmforge.config.pretrain import PretrainConfig
 from lmforge.data.sampler import WindowSampler, eval_windows
 from lmforge.data.shards import ShardError, TokenShards, read_meta, split_digest
 from lmforge.models import ModelError, build, describe, human, model_config
-from lmforge.run import LEASE_LOST, Plan, Run, RunError, catch_signals, command_line, device_name, fail
+from lmforge.run import LEASE_LOST, Plan, Run, RunError, catch_signals, fail, rank_seed
 from lmforge.schedule import lr_at, schedule_change
 from lmforge.throughput import Meter, device_peak, duration
 from lmforge.tokenizer import pad_token_id
 
 STAGE = "pretrain"
 PROG = "python -m pretrain"
-
-
-def rank_seed(seed: int, rank: int, step: int) -> int:
-    """A seed for rank `rank`'s random stream from `step` on, distinct across ranks and steps."""
-    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     load_seconds = None
     if run.resume is not None:
         try:
-            record, load_seconds = run.load(engine, resume_tag, lambda s: rank_seed(cfg.train.seed, d.rank, s))
+            record, load_seconds = run.load(engine, resume_tag, cfg.train.seed)
         except RunError as e:
             return fail(PROG, e)
         step, position, tokens_seen = record["step"], int(record["samples"]), int(record["tokens"])
@@ -151,21 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         loss_sum, count = eng.all_reduce_sum(total.tolist(), device)
         return {"val/loss": loss_sum / count, "val/ppl": math.exp(min(loss_sum / count, 50))}
 
-    def sample() -> str | None:
-        if not cfg.eval.prompt:
-            return None
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(run.dir / "tokenizer" / "tokenizer.json"))
-        prompt = torch.tensor([tokenizer.encode(cfg.eval.prompt, add_special_tokens=False).ids], device=device)
-        engine.eval()
-        with torch.no_grad():  # greedy (no RNG drawn: a resumed run stays exact), a repetition penalty for a young model
-            out = engine.module.generate(prompt, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
-                                         repetition_penalty=1.3, pad_token_id=hf_config.eos_token_id,
-                                         eos_token_id=hf_config.eos_token_id, synced_gpus=plan.zero_stage == 3)
-        engine.train()
-        return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
-
     def record(at_step: int) -> dict:
         """The checkpoint's commit record: the position, what a resume checks, lineage and model card."""
         metrics = {k: v for k, v in last_eval.items() if isinstance(v, float)}
@@ -178,11 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                     "path": str(Path(cfg.data.path).resolve()), "fingerprint": meta["source_fingerprint"],
                     "config_digest": meta.get("config_digest"), "tokens": meta["splits"]["train"]["tokens"]},
                     cfg.init_from, (Path(cfg.data.path), cfg.init_from)),
-                "card": ckpt.card(STAGE, "text-generation", engine.module, tokens_seen=tokens_seen, steps=at_step,
-                                  global_batch_tokens=tokens_per_step, world_size=d.world,
-                                  device=device_name(device), data_fingerprint=meta["source_fingerprint"],
-                                  tokenizer_hash=tok["hash"], metrics=metrics, command=command_line(STAGE),
-                                  config_yaml=to_yaml(cfg), name=run.dir.name, parent=str(cfg.init_from) if cfg.init_from else None)}
+                "card": ckpt.card(STAGE, "text-generation", engine.module, **run.facts(), tokens_seen=tokens_seen,
+                                  steps=at_step, global_batch_tokens=tokens_per_step, metrics=metrics,
+                                  data_fingerprint=meta["source_fingerprint"], tokenizer_hash=tok["hash"],
+                                  config_yaml=to_yaml(cfg), parent=str(cfg.init_from) if cfg.init_from else None)}
 
     retention = ckpt.Retention(cfg.train.keep_last, cfg.train.keep_every, (cfg.train.max_steps,))
     save_seconds: list[float] = []  # wall time of each save (all ranks, commit included)
@@ -236,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             run.say(loop.status(step, cfg.train.max_steps, logged,
                                 duration((cfg.train.max_steps - step) * rate["step_seconds"])))
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
-            last_eval, text = evaluate(), sample()
+            last_eval = evaluate()
+            text = loop.sample(engine, run.dir / "tokenizer" / "tokenizer.json", cfg.eval.prompt, cfg.eval.max_new_tokens,
+                               hf_config.eos_token_id, plan.zero_stage == 3) if cfg.eval.prompt else None
             logged.update({**last_eval, "train/tokens": tokens_seen})
             if text is not None:
                 tracker.log_text(step, "sample", text)

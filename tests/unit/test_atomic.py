@@ -71,3 +71,21 @@ def test_sync_tree_reaches_every_file(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
     atomic.sync_tree(tmp_path)
     assert {str(tmp_path / n) for n in ("x", "d/y", "d/e/z", "d", "d/e")} | {str(tmp_path)} == set(synced)
+
+
+def test_files_a_library_writes_private_are_published_like_ordinary_files(tmp_path):
+    """safetensors (model.safetensors, the RNG states) creates its files 0600: a team sharing runs could not
+    read each other's exports."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lmforge import checkpoint
+
+    old = os.umask(0o022)
+    try:
+        atomic.publish_folder(tmp_path / "final", lambda d: save_file({"w": torch.ones(2)}, str(d / "m.safetensors")))
+        checkpoint.save_rng(tmp_path, rank=0)
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "final" / "m.safetensors") == 0o644
+    assert mode(tmp_path / "rng-rank0.safetensors") == 0o644
