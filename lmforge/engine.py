@@ -343,6 +343,9 @@ def ds_config(zero_json: dict, micro: int, accum: int, global_batch: int, dtype:
         bf16_reductions_in_fp32(config)
     if zero.get("stage", 0) == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+        # zero.Init (the partitioned build) would otherwise swap torch's F.linear for DeepSpeed's own for the
+        # rest of the process; a model built whole never had it. A JSON may turn it back on.
+        zero.setdefault("memory_efficient_linear", False)
     return config
 
 

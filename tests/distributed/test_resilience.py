@@ -71,6 +71,19 @@ def assert_same_as_reference(run_dir, reference, trace_dirs=(), tolerance=0.0):
         assert trained_windows(*trace_dirs) == ref_windows
 
 
+@pytest.fixture(scope="module")
+def reference_zero3(tmp_path_factory, position_data):
+    """The uninterrupted 2-rank run under ZeRO-3. A ZeRO-3 model is built partitioned (same initial weights),
+    and DeepSpeed then reduces its gradients in another order than ZeRO-2's: 8 steps of Adam carry that
+    round-off to ~1e-4 in the weights, so a ZeRO-3 run is held to a ZeRO-3 reference."""
+    tmp = tmp_path_factory.mktemp("reference3")
+    env = traced(tmp, "reference")
+    proc = launch("pretrain", config(tmp, position_data),
+                  f"engine.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}", nproc=2, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp / "run", trained_windows(Path(env["LMFORGE_TRACE_DIR"]))
+
+
 def test_the_reference_run_reads_every_window_once_per_epoch(reference):
     _, windows = reference
     order = [w for step in sorted(windows) for w in windows[step]]
@@ -192,8 +205,8 @@ def test_consecutive_non_finite_steps_abort_with_a_clear_message(tmp_path, posit
 
 
 @pytest.mark.parametrize("stage, before, after", [(1, 2, 1), (2, 2, 1), (3, 2, 1), (2, 1, 2), (3, 1, 2)])
-def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, position_data, reference, stage,
-                                                                   before, after):
+def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, position_data, reference, reference_zero3,
+                                                                   stage, before, after):
     """Saved on `before` ranks, resumed on `after`: converted through a universal checkpoint, with the
     optimizer moments and the data position carried over. Losses and weights agree with the uninterrupted
     2-rank run to fp32 round-off (reductions sum in another order on another rank count)."""
@@ -206,7 +219,7 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(tmp_path, posi
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"saved on {before} ranks, now {after}" in resumed.stdout
     assert "converting it to a universal checkpoint" in resumed.stdout
-    assert_same_as_reference(tmp_path / "run", reference,
+    assert_same_as_reference(tmp_path / "run", reference_zero3 if stage == 3 else reference,
                              [Path(first["LMFORGE_TRACE_DIR"]), Path(second["LMFORGE_TRACE_DIR"])], tolerance=1e-4)
 
 

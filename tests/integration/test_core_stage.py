@@ -166,9 +166,8 @@ def test_workers_whose_launcher_died_save_and_stop(tmp_path, tiny_data):
         workers = psutil.Process(agent.pid).children()
         assert len(workers) == 2
         os.kill(agent.pid, signal.SIGKILL)
-        gone, alive = psutil.wait_procs(workers, timeout=120)
+        _, alive = psutil.wait_procs(workers, timeout=120)  # not our children: no exit status to read
         assert not alive, "orphaned workers trained on"
-        assert all(p.returncode == 0 for p in gone), [p.returncode for p in gone]
     finally:
         try:
             os.killpg(agent.pid, signal.SIGKILL)  # the whole session: workers included, if any are left
