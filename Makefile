@@ -12,6 +12,9 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
+# DeepSpeed JIT-builds its CPU comm op on first use; one build folder per venv, so that two checkouts on one
+# machine do not rebuild it for each other on every launch (~40 s of both cores each time)
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup demo test bench lint clean
 
