@@ -343,9 +343,6 @@ def ds_config(zero_json: dict, micro: int, accum: int, global_batch: int, dtype:
         bf16_reductions_in_fp32(config)
     if zero.get("stage", 0) == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
-        # zero.Init (the partitioned build) would otherwise swap torch's F.linear for DeepSpeed's own for the
-        # rest of the process; a model built whole never had it. A JSON may turn it back on.
-        zero.setdefault("memory_efficient_linear", False)
     return config
 
 
@@ -514,8 +511,10 @@ def fix_zero3_universal_load(engine, folder: Path) -> None:
     on norms) and one shared `step` tensor that Adam then advances once per group: put both right."""
     if zero_stage(engine.config) != 3:
         return
-    # a pickle DeepSpeed's converter wrote, inside this run's own checkpoint folder (never a foreign file)
-    saved = torch.load(folder / UNIVERSAL / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    # weights_only=False: a pickle DeepSpeed's converter wrote for this run, inside this run's own checkpoint
+    # folder (never a foreign file)
+    saved = torch.load(folder / UNIVERSAL / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=False)  # a file this run wrote itself
     optimizer = engine.optimizer.optimizer
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
     for group, saved_group in zip(optimizer.param_groups, saved_groups, strict=True):
@@ -548,8 +547,9 @@ def state_dict_from_checkpoint(folder: Path, tag: str) -> dict:
     states = tag_dir / "mp_rank_00_model_states.pt"
     if not states.exists():
         raise EngineError(f"{tag_dir}: no model states (mp_rank_00_model_states.pt) in this checkpoint")
-    # DeepSpeed's model states hold non-tensor objects; this run wrote the file (see the docstring)
-    return dict(torch.load(states, map_location="cpu", weights_only=False)["module"])
+    # weights_only=False: DeepSpeed's model states hold non-tensor objects; this run wrote the file itself
+    # (see the docstring: only checkpoints inside the run's own folder are read)
+    return dict(torch.load(states, map_location="cpu", weights_only=False)["module"])  # a file this run wrote
 
 
 # --------------------------------------------------------------------------------------------------
