@@ -36,9 +36,13 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# CPU benchmarks, one after another (each keeps both cores busy). bench/train.py measures throughput and the
+# ZeRO memory table; bench/memory.py the chunked loss and the ZeRO-3 start-up (~7 min, ~7 GB RSS). GPU figures
+# need a GPU: `python bench/gpu.py` there (it refuses on a machine without one).
 bench: setup
 	$(BIN)/python bench/tokenize.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/reliability.py
 
 lint: setup

@@ -61,8 +61,8 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(ROOT)
 
 from bench import memory as bench_memory  # noqa: E402
-from bench.report import write_section  # noqa: E402
-from bench.train import batch_shape, data_ids, expected_positions, free_port, rates, steady, write_result  # noqa: E402
+from bench.report import free_port, parse_args, write_section  # noqa: E402
+from bench.train import batch_shape, child_trainer, data_ids, rates, steady  # noqa: E402
 
 BEGIN, END = "<!-- bench:gpu:begin -->", "<!-- bench:gpu:end -->"
 CONFIG = ROOT / "configs" / "pretrain" / "gpt2_124m.yaml"
@@ -216,94 +216,8 @@ def run_lmforge(config: Path, run_dir: Path, work: Path, smoke: bool, precision:
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. The Hugging Face Trainer (under torchrun; bench/train.py's Trainer child is fixed to CPU and fp32)
-
-
-def child_trainer(spec: dict) -> None:
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from lmforge import engine as eng
-    from lmforge.config import load_config
-    from lmforge.config.pretrain import PretrainConfig
-    from lmforge.data.sampler import WindowSampler
-    from lmforge.data.shards import TokenShards
-    from lmforge.models import build_model
-
-    cfg = load_config(spec["config"], PretrainConfig)
-    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    micro, accum, global_batch = batch_shape(cfg, world)
-    steps, seq, cpu, bf16 = spec["steps"], cfg.data.seq_len, spec["device"] == "cpu", spec["precision"] == "bf16"
-    vocab, eos_id, pad_id = data_ids(Path(cfg.data.path))
-    # lmforge's own DeepSpeed config (ZeRO file + fp32 accumulation/reduction under bf16), with "auto" wherever
-    # the Trainer owns the value (it checks explicit ones against its arguments)
-    ds = eng.ds_config(eng.read_zero_json(cfg.engine.deepspeed), micro, accum, global_batch,
-                       torch.bfloat16 if bf16 else torch.float32, cfg.optim, torch.device(spec["device"]))
-    fused = {k: v for k, v in ds["optimizer"]["params"].items() if k in ("torch_adam", "fused")}
-    ds.update(train_batch_size="auto", train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto",
-              gradient_clipping="auto", bf16={"enabled": "auto"},
-              optimizer={"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                     "weight_decay": "auto", **fused}})
-    o = cfg.optim
-    args = TrainingArguments(
-        output_dir=spec["work"], use_cpu=cpu, deepspeed=ds, ddp_backend="gloo" if cpu else None, seed=cfg.train.seed,
-        per_device_train_batch_size=micro, gradient_accumulation_steps=accum, max_steps=steps,
-        learning_rate=o.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": o.min_lr},
-        warmup_steps=o.warmup_steps, weight_decay=o.weight_decay, adam_beta1=o.betas[0], adam_beta2=o.betas[1],
-        adam_epsilon=o.eps, max_grad_norm=o.grad_clip, bf16=bf16, fp16=False,
-        train_sampling_strategy="sequential", dataloader_drop_last=True, logging_steps=1, save_strategy="no",
-        report_to="none", disable_tqdm=True)
-    torch.manual_seed(cfg.train.seed)  # lmforge's initial weights
-    model = build_model(cfg.model, vocab, eos_id, pad_id)
-    sampler = WindowSampler(TokenShards(cfg.data.path, "train"), seq, cfg.train.seed)
-
-    class Windows(torch.utils.data.Dataset):
-        """Item p: the window lmforge reads at global position p."""
-
-        def __init__(self):
-            self.seen: list[int] = []
-
-        def __len__(self) -> int:
-            return steps * global_batch
-
-        def __getitem__(self, p: int) -> dict:
-            self.seen.append(int(p))
-            ids = torch.from_numpy(sampler.data.window(sampler.window_at(p), seq).astype(np.int64))[:-1]
-            return {"input_ids": ids, "labels": ids}  # the model shifts the labels
-
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.ends, self.losses, self.start = [], [], None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if not cpu:
-                torch.cuda.synchronize()  # the step's kernels, not only their launch
-            self.ends.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    dataset, timer = Windows(), Timer()
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
-    trainer.train()
-    expected = expected_positions(sampler, steps, micro, accum, rank, world)
-    if rank == 0:
-        write_result(spec, {
-            "start": timer.start, "step_ends": timer.ends, "losses": timer.losses,
-            "same_windows_as_lmforge": dataset.seen[:len(expected)] == expected,
-            "wrapped_by": type(trainer.model_wrapped).__name__, "deepspeed_enabled": bool(trainer.is_deepspeed_enabled),
-            "zero_stage": int(trainer.accelerator.state.deepspeed_plugin.zero_stage),
-            "param_dtype": str(next(trainer.model_wrapped.parameters()).dtype).removeprefix("torch."),
-            "peak_allocated_gb": None if cpu else torch.cuda.max_memory_allocated() / 1e9,
-            "micro": micro, "accum": accum, "global_batch": global_batch})
-    dist.barrier()
-    dist.destroy_process_group()
+# 2. The Hugging Face Trainer: bench/train.py's `child_trainer`, under torchrun, with the spec's device and
+#    precision (here "cuda" and "bf16"; --smoke: "cpu" and "fp32")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,20 +348,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default bench/work/gpu[-smoke])")
     parser.add_argument("--table", type=Path, default=None, help="file for the table (default BENCHMARKS.md; smoke: none)")
     parser.add_argument("--no-table", action="store_true", help="write no table")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        spec = json.loads(args.spec.read_text())
-        if args.child == "memory":
-            write_result(spec, child_memory(spec))
-        else:
-            child_trainer(spec)
-        # the result is written; a DeepSpeed/gloo thread alive at interpreter shutdown can abort the process
-        # (see bench/train.py): leave without it
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    args = parse_args(parser, {"trainer": child_trainer, "memory": child_memory})
 
     import torch
 
@@ -590,7 +491,7 @@ def write_table(report: dict, path: Path) -> None:
     for name, key, what, peak_gb in (
             ("**lmforge**", "lmforge", "`torchrun --nproc_per_node=1 -m pretrain`", r["lmforge"]["memory_allocated_gb_max"]),
             ("HF `Trainer`", "trainer", "same model, batch, windows and DeepSpeed config",
-             r["trainer"]["peak_allocated_gb"])):
+             r["trainer"].get("peak_allocated_gb"))):  # CUDA's counter: a GPU run's only
         x = r[key]
         lines.append(f"| {name} | {what} | {x['tokens_per_s']:,.0f} | {pct(x['mfu'])} | {x['median_step_seconds']:.3f} "
                      f"| {'n/a' if peak_gb is None or not gpu else f'{peak_gb:.1f}'} "

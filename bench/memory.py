@@ -40,7 +40,7 @@ of BENCHMARKS.md; the ZeRO table above stays with bench/train.py):
             once, MALLOC_MMAP_THRESHOLD_=65536, so RSS follows the live tensors). The loss part alone is measured
             too, in the same processes: the output projection and the loss over [micro x seq, 768] hidden states
             (fp32, as the step), and the loss alone over bf16 logits (what a GPU step's loss holds).
-            `device_loss_memory` runs the same step on a GPU (bf16, CUDA's own peak counter) for bench/gpu.py.
+            The same comparison on a GPU (bf16, CUDA's own peak counter) is bench/gpu.py's, not this script's.
   startup   per-rank memory from process start through `engine.initialize` for a ~214M-parameter Llama (MODEL,
             vocab 8,192) on 2 ranks, ZeRO-3 (the ZeRO-3 JSON of the table above), fp32, built whole (today) and
             partitioned (`engine.model_context`), one launch each: peak RSS of the build and of the build plus
@@ -55,7 +55,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -67,6 +66,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # shadow the standard library's `tokenize` module; the project root takes its place.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(ROOT)
+
+from bench.report import free_port, parse_args, write_section  # noqa: E402
+
 BUCKET = 1_000_000  # elements, for every bucket and ZeRO-3 sub-group in the memory runs' DeepSpeed JSON
 MODEL = {"family": "llama", "hidden_size": 1024, "num_layers": 16, "num_heads": 16, "intermediate_size": 2816,
          "max_seq_len": 256}
@@ -363,35 +365,6 @@ def loss_child(spec: dict) -> dict:
     return record
 
 
-def device_loss_memory(device: str = "cuda", micro: int = LOSS_MICRO, seq: int = LOSS_SEQ) -> dict:
-    """For bench/gpu.py (unrun here: no GPU): the same GPT-2-124M training step on `device` in bf16 (the
-    model cast as DeepSpeed casts it), with each loss, in one process: CUDA's caching allocator keeps its own
-    peak counter (`max_memory_allocated`), reset before each step. A first step allocates AdamW's states and
-    compiles the Triton kernels, outside the measurement. Returns bytes above the allocation before each step."""
-    import torch
-
-    from lmforge.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model(gpt2_124m(), LOSS_VOCAB).to(device=device, dtype=torch.bfloat16)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randint(0, LOSS_VOCAB, (micro, seq + 1), device=device)
-    out = {"device": torch.cuda.get_device_name(device), "micro_batch_size": micro, "seq_len": seq,
-           "vocab_size": LOSS_VOCAB, "precision": "bf16"}
-    for method in ("cross_entropy", "chunked"):
-        train_step(model, optimizer, x, loss_function(method))  # warm-up: Adam states, kernels
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        train_step(model, optimizer, x, loss_function(method))
-        torch.cuda.synchronize(device)
-        out[method] = {"step_peak_bytes": torch.cuda.max_memory_allocated(device) - before}
-    out["chunked_vs_cross_entropy"] = round(out["chunked"]["step_peak_bytes"]
-                                            / out["cross_entropy"]["step_peak_bytes"], 3)
-    return out
-
-
 def startup_child(spec: dict) -> dict:
     """One rank of a start-up launch (under torchrun): memory before the build, after it, after `initialize`."""
     import torch
@@ -443,10 +416,7 @@ def launch(kind: str, name: str, spec: dict, work: Path, ranks: int, timeout: fl
     Path(spec["result"]).unlink(missing_ok=True)
     target = [str(Path(__file__).resolve()), "--child", kind, "--spec", str(spec_path)]
     if ranks > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
                *target]
         env = {**child_env(), "OMP_NUM_THREADS": "1"}
     else:
@@ -568,7 +538,7 @@ def memory_table(report: dict) -> list[str]:
         "holds the logits once the log-softmax exists), the chunked loss with two (the logits it saves for "
         f"backward, their gradient): one {gb(loss['logits_fp32_bytes'])} GB tensor less. The rest of the step is "
         "the model's own activations and gradients. With bf16 logits (a GPU run) cross entropy's fp32 copy, "
-        "log-softmax and gradients all go, the last row. GPU figures (bf16, `device_loss_memory`) need a GPU: "
+        "log-softmax and gradients all go, the last row. GPU figures (bf16, `python bench/gpu.py`) need a GPU: "
         "not measured here.",
         "",
         f"**ZeRO-3 start-up.** Per rank, {start['world_size']} ranks, a {start['params'] / 1e6:.0f}M-parameter "
@@ -607,17 +577,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for memory.json")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "memory", help="scratch folder")
     parser.add_argument("--no-table", action="store_true", help="leave BENCHMARKS.md as it is")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        spec = json.loads(args.spec.read_text())
-        result = {"loss": loss_child, "startup": startup_child}[args.child](spec)
-        if os.environ.get("RANK", "0") == "0":
-            Path(spec["result"]).write_text(json.dumps(result))
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # see bench/train.py: a DeepSpeed/gloo thread left at interpreter exit can abort the process
+    args = parse_args(parser, {"loss": loss_child, "startup": startup_child})
 
     import deepspeed
     import torch
@@ -647,8 +607,6 @@ def main() -> int:
     full_shapes = report.get("loss", {}).get("micro_batch_size") == LOSS_MICRO and \
         report.get("loss", {}).get("seq_len") == LOSS_SEQ
     if not args.no_table and {"loss", "startup"} <= report.keys() and full_shapes:
-        from bench.report import write_section
-
         write_section(ROOT / "BENCHMARKS.md", BEGIN, END, "Memory at scale", "\n".join(memory_table(report)))
     return 0
 

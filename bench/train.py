@@ -15,13 +15,14 @@ reads the same windows in the same order (lmforge's WindowSampler: global positi
   lmforge   `-m pretrain CONFIG`: DeepSpeed ZeRO-2 with configs/deepspeed/zero2.json; evaluation, the
             sample and the checkpoint only at the end (outside the measured window), log_every=1. Tokens/s
             come from the per-step `train/tokens_per_s` that it writes to RUN_DIR/metrics.jsonl.
-  trainer   `transformers.Trainer` on the same model, DeepSpeed with the same zero2.json passed as a dict
-            through `TrainingArguments(deepspeed=...)` ("auto" for what the Trainer fills in: batch sizes,
-            clipping, the AdamW hyper-parameters; the same fused torch AdamW that lmforge injects), use_cpu=True,
+  trainer   `transformers.Trainer` on the same model, DeepSpeed with lmforge's own config (`lmforge.engine.ds_config`
+            over zero2.json: the same fused torch AdamW) passed as a dict through `TrainingArguments(deepspeed=...)`
+            ("auto" for what the Trainer fills in: batch sizes, clipping, the AdamW hyper-parameters), use_cpu=True,
             lr_scheduler_type=cosine_with_min_lr, logging_steps=1, a map-style Dataset whose item p is the
             window at position p and train_sampling_strategy="sequential" (accelerate hands rank r the batches
             r, r + W, ...: the same windows per rank, checked). Labels are the inputs (HF shifts them inside
             the model: 255 targets per row instead of 256, the same forward). Timed by a TrainerCallback.
+            The same child (`child_trainer`) is bench/gpu.py's Trainer, there on CUDA in bf16 (NCCL).
   plain     a hand-written loop: DistributedDataParallel over gloo (no buffer broadcast, gradients as bucket
             views), torch.optim.AdamW(fused=True), no_sync() while accumulating, clip_grad_norm_, the step loss
             all-reduced every step like a logging loop. No framework: a near-upper bound on this machine.
@@ -49,7 +50,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -62,7 +62,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(ROOT)
 
 from bench import memory as bench_memory  # noqa: E402
-from bench.report import write_section  # noqa: E402
+from bench.report import free_port, parse_args, write_section  # noqa: E402
 
 BEGIN, END = "<!-- bench:train:begin -->", "<!-- bench:train:end -->"
 TARGETS = {  # from the pretraining issue: what "fast and lean enough" means
@@ -117,11 +117,14 @@ def expected_positions(sampler, steps: int, micro: int, accum: int, rank: int, w
 
 
 def child_trainer(spec: dict) -> None:
+    """`transformers.Trainer` on lmforge's model, batch, windows and DeepSpeed config. Device and precision come
+    from the spec: "cpu"/"fp32" (gloo; this benchmark, the default) or "cuda"/"bf16" (NCCL; bench/gpu.py)."""
     import numpy as np
     import torch
     import torch.distributed as dist
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from lmforge import engine as eng
     from lmforge.config import load_config
     from lmforge.config.pretrain import PretrainConfig
     from lmforge.data.sampler import WindowSampler
@@ -131,26 +134,28 @@ def child_trainer(spec: dict) -> None:
     cfg = load_config(spec["config"], PretrainConfig)
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     micro, accum, global_batch = batch_shape(cfg, world)
-    steps, seq = spec["steps"], cfg.data.seq_len
+    device, precision = spec.get("device", "cpu"), spec.get("precision", "fp32")
+    steps, seq, cpu, bf16 = spec["steps"], cfg.data.seq_len, device == "cpu", precision == "bf16"
     vocab, eos_id, pad_id = data_ids(Path(cfg.data.path))
+    # lmforge's own DeepSpeed config (the ZeRO file, torch's fused AdamW, fp32 accumulation and reduction under
+    # bf16), with "auto" wherever the Trainer owns the value (it checks explicit ones against its arguments)
+    ds = eng.ds_config(eng.read_zero_json(cfg.engine.deepspeed), micro, accum, global_batch,
+                       torch.bfloat16 if bf16 else torch.float32, cfg.optim, torch.device(device))
+    fused = {k: v for k, v in ds["optimizer"]["params"].items() if k in ("torch_adam", "fused")}
+    ds.update(train_batch_size="auto", train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto",
+              gradient_clipping="auto", bf16={"enabled": "auto"},
+              optimizer={"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                     "weight_decay": "auto", **fused}})
     o = cfg.optim
-    # the same ZeRO JSON; "auto" wherever the Trainer owns the value (it checks explicit ones against its args)
-    ds = {**json.loads(Path(cfg.engine.deepspeed).read_text()),
-          "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-          "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-          "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
-                                                     "weight_decay": "auto", "torch_adam": True,
-                                                     "fused": True}},
-          "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
     args = TrainingArguments(
-        output_dir=spec["work"], use_cpu=True, deepspeed=ds, ddp_backend="gloo", seed=cfg.train.seed,
+        output_dir=spec["work"], use_cpu=cpu, deepspeed=ds, ddp_backend="gloo" if cpu else None, seed=cfg.train.seed,
         per_device_train_batch_size=micro, gradient_accumulation_steps=accum, max_steps=steps,
         learning_rate=o.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": o.min_lr},
         warmup_steps=o.warmup_steps, weight_decay=o.weight_decay, adam_beta1=o.betas[0], adam_beta2=o.betas[1],
-        adam_epsilon=o.eps, max_grad_norm=o.grad_clip, bf16=False, fp16=False,
+        adam_epsilon=o.eps, max_grad_norm=o.grad_clip, bf16=bf16, fp16=False,
         train_sampling_strategy="sequential", dataloader_drop_last=True, logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=True)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # lmforge's initial weights
     model = build_model(cfg.model, vocab, eos_id, pad_id)
     sampler = WindowSampler(TokenShards(cfg.data.path, "train"), seq, cfg.train.seed)
 
@@ -166,16 +171,18 @@ def child_trainer(spec: dict) -> None:
         def __getitem__(self, p: int) -> dict:
             self.seen.append(int(p))
             ids = torch.from_numpy(sampler.data.window(sampler.window_at(p), seq).astype(np.int64))[:-1]
-            return {"input_ids": ids, "labels": ids}
+            return {"input_ids": ids, "labels": ids}  # the model shifts the labels
 
     class Timer(TrainerCallback):
         def __init__(self):
-            self.ends, self.losses, self.engine = [], [], None
+            self.ends, self.losses, self.start = [], [], None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if not cpu:
+                torch.cuda.synchronize()  # the step's kernels, not only their launch
             self.ends.append(time.perf_counter())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -185,18 +192,20 @@ def child_trainer(spec: dict) -> None:
     dataset, timer = Windows(), Timer()
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
     trainer.train()
-    seen = dataset.seen
     expected = expected_positions(sampler, steps, micro, accum, rank, world)
     box = [None] * world
-    dist.all_gather_object(box, {"same_windows": seen[:len(expected)] == expected})
+    dist.all_gather_object(box, {"same_windows": dataset.seen[:len(expected)] == expected})
     if rank == 0:
-        write_result(spec, {
+        result = {
             "start": timer.start, "step_ends": timer.ends, "losses": timer.losses,
             "same_windows_as_lmforge": all(b["same_windows"] for b in box),
-            "wrapped_by": type(trainer.model_wrapped).__name__,
-            "deepspeed_enabled": bool(trainer.is_deepspeed_enabled),
+            "wrapped_by": type(trainer.model_wrapped).__name__, "deepspeed_enabled": bool(trainer.is_deepspeed_enabled),
             "zero_stage": int(trainer.accelerator.state.deepspeed_plugin.zero_stage),
-            "micro": micro, "accum": accum, "global_batch": global_batch})
+            "param_dtype": str(next(trainer.model_wrapped.parameters()).dtype).removeprefix("torch."),
+            "micro": micro, "accum": accum, "global_batch": global_batch}
+        if not cpu:  # CUDA's own counter; on CPU, bench/memory.py measures memory
+            result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        write_result(spec, result)
     # Left to interpreter exit, the process group's threads are torn down in no set order and the
     # process can abort ("terminate called without an active exception") after the work is done.
     dist.barrier()
@@ -267,12 +276,6 @@ def write_result(spec: dict, result: dict) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # The parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:
@@ -422,23 +425,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default bench/work/train[-smoke])")
     parser.add_argument("--no-memory", action="store_true", help="skip the ZeRO memory runs (implies --no-table)")
     parser.add_argument("--no-table", action="store_true", help="leave BENCHMARKS.md as it is")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        spec = json.loads(args.spec.read_text())
-        if args.child == "memory":
-            result = bench_memory.child(spec)
-            if os.environ["RANK"] == "0":
-                write_result(spec, result)
-        else:
-            {"trainer": child_trainer, "plain": child_plain}[args.child](spec)
-        # The result is written and the process group is gone; what is left is interpreter shutdown, where
-        # a DeepSpeed/gloo thread still alive can abort the process ("terminate called without an active
-        # exception", about 1 run in 30 here) and fail a measurement that succeeded. Leave without it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    args = parse_args(parser, {"trainer": child_trainer, "plain": child_plain, "memory": bench_memory.child})
 
     began = time.perf_counter()
     args.steps = args.steps or (6 if args.smoke else 13)
@@ -579,7 +566,7 @@ def write_table(report: dict, path: Path) -> None:
         f"({m['processor']}, Python {m['python']}, torch {report['versions']['torch']}, DeepSpeed "
         f"{report['versions']['deepspeed']}, transformers {report['versions']['transformers']}), fp32, "
         f"{m['ranks']} ranks under torchrun (gloo, one thread each). **No GPU here**: GPU numbers (bf16, NCCL) need a "
-        "GPU and are not measured. A 2-core CPU gives small absolute numbers; the ratios between methods, measured "
+        "GPU and are not measured here (`python bench/gpu.py` measures them on one GPU: the GPU section). A 2-core CPU gives small absolute numbers; the ratios between methods, measured "
         "in the same run on the same model, data and batch, are what matter. Raw figures: `bench/results/train.json`.",
         "",
         f"Throughput: the `demo` model ({c['model_params'] / 1e6:.1f}M parameters, {pc['model']['family']}, vocab "

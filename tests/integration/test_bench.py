@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from ..conftest import ROOT
 
@@ -30,3 +31,54 @@ def test_tokenize_benchmark_smoke_run(tmp_path):
     # a smoke run (a slice) never overwrites the recorded table, and cleans up its scratch data
     assert "--limit-docs" not in (ROOT / "BENCHMARKS.md").read_text()
     assert not list((tmp_path / "work").glob("lmforge*/")) and not (tmp_path / "work" / "hf_cache").exists()
+
+
+CHILD = '''
+import argparse
+from pathlib import Path
+
+from bench.report import parse_args
+
+
+def returns(spec):
+    return {"value": spec["value"] * 2}
+
+
+def writes_itself(spec):
+    Path(spec["result"]).write_text("written by the child")
+
+
+args = parse_args(argparse.ArgumentParser(), {"returns": returns, "writes": writes_itself})
+print("parent code ran, child:", args.child)
+'''
+
+
+def test_child_launch_runs_the_child_writes_rank_0_result_and_never_returns(tmp_path):
+    """bench/report.parse_args, every benchmark's child entry point: `--child NAME --spec FILE` runs that child
+    instead of the script, rank 0 alone writes what it returns, and the parent's code never runs in a child."""
+    script = tmp_path / "script.py"
+    script.write_text(CHILD)
+
+    def run(*args: str, rank: str | None = None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "RANK"} | {"PYTHONPATH": str(ROOT)}
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60,
+                              env=env | ({"RANK": rank} if rank is not None else {}))
+
+    def child(name: str, rank: str | None) -> tuple[subprocess.CompletedProcess, Path]:
+        result = tmp_path / f"{name}-{rank}.json"
+        spec = tmp_path / f"{name}-{rank}.spec.json"
+        spec.write_text(json.dumps({"value": 21, "result": str(result)}))
+        return run("--child", name, "--spec", str(spec), rank=rank), result
+
+    for rank in (None, "0"):  # alone (no torchrun), and rank 0 under torchrun
+        proc, result = child("returns", rank)
+        assert proc.returncode == 0 and "parent code ran" not in proc.stdout, proc.stdout + proc.stderr
+        assert json.loads(result.read_text()) == {"value": 42}
+    proc, result = child("returns", "1")
+    assert proc.returncode == 0 and not result.exists()  # other ranks return the same record: one writer
+    proc, result = child("writes", "0")
+    assert proc.returncode == 0 and result.read_text() == "written by the child"  # None: nothing overwritten
+    proc = run("--child", "nope", "--spec", str(tmp_path / "x.json"))
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    proc = run()
+    assert proc.returncode == 0 and "parent code ran, child: None" in proc.stdout

@@ -66,6 +66,23 @@ def test_refuses_gpu_figures_without_a_gpu(tmp_path):
     assert run.returncode == 2 and "--smoke figures are not GPU figures" in run.stderr, run.stderr[-2000:]
 
 
+def test_benchmarks_md_says_whether_gpu_figures_were_measured():
+    """BENCHMARKS.md holds bench/gpu.py's section (its markers, so a GPU run replaces it in place): the figures of
+    bench/results/gpu.json when a GPU has run it, else a statement that they are unrun and the command to run."""
+    from bench import gpu
+
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    assert text.count(gpu.BEGIN) == text.count(gpu.END) == 1
+    section = text.split(gpu.BEGIN, 1)[1].split(gpu.END, 1)[0]
+    results = ROOT / "bench" / "results" / "gpu.json"
+    if results.exists():
+        report = json.loads(results.read_text())
+        assert report["mode"] == "full" and report["machine"]["gpu"]["name"] in section
+    else:
+        assert "Not measured" in section and "python bench/gpu.py" in section, section
+        assert "smoke run" not in section  # CPU smoke figures never stand in for GPU figures
+
+
 @pytest.mark.slow
 def test_smoke_run_covers_every_gpu_code_path(tmp_path):
     benchmarks = ROOT / "BENCHMARKS.md"
