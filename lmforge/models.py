@@ -38,21 +38,10 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None, pad_
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None, pad_id: int | None = None,
-                init_from: Path | None = None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A freshly initialised model (seed the global RNG first for a reproducible init), or one loaded
-    from a Hugging Face folder whose architecture must match `cfg` and the data's vocabulary. Inside
+                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A freshly initialised model for a size config (seed the global RNG first for a reproducible init);
+    `build(model_config(...))` is the same for a stage, with init_from. Inside
     `engine.model_context(ds_config)` under ZeRO-3 it is built partitioned (see `fresh_model`)."""
-    from transformers import AutoModelForCausalLM
-
-    if init_from is not None:
-        folder = Path(init_from)
-        if not (folder / "config.json").is_file():
-            raise ModelError(f"init_from: {folder} is not a Hugging Face model folder (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-        if model.config.vocab_size != vocab_size:
-            raise ModelError(f"init_from: {folder} has vocab_size {model.config.vocab_size}, the data's tokenizer "
-                             f"has {vocab_size}; tokenize with that model's tokenizer (tokenizer.pretrained)")
-        return model
     return fresh_model(hf_config(cfg, vocab_size, eos_id, pad_id), dtype)
 
 
