@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,15 +129,23 @@ def save(engine, root: Path, step: int, dist, record: dict, retention: Retention
     if not eng.broadcast_object(owned() if dist.is_main and owned else True):
         raise CheckpointError(f"{root}: another launch took over this run folder; step {step} is not committed")
     fault("save-commit", step, dist.rank)
+    problem = None
     if dist.is_main:
-        for folder, _, _ in os.walk(root / tag, topdown=False):  # the entries of the folders DeepSpeed made
-            atomic.fsync_path(folder)
-        commit(root / tag, {"step": step, "world_size": dist.world, **record})
+        try:  # a full quota (EDQUOT) must reach every rank as an error, not leave them in a barrier
+            for folder, _, _ in os.walk(root / tag, topdown=False):  # the entries of the folders DeepSpeed made
+                atomic.fsync_path(folder)
+            commit(root / tag, {"step": step, "world_size": dist.world, **record})
+        except OSError as e:
+            problem = f"{root / tag}: the commit failed ({e}); step {step} is not saved"
         fault("save-committed", step, dist.rank)
-        for gone in prune(root, retention.keep_last, retention.keep_every, retention.pinned):
-            say(f"removed old checkpoint {gone.name}")
+        try:  # the checkpoint is committed: a failed prune costs disk, not the run
+            for gone in [] if problem else prune(root, retention.keep_last, retention.keep_every, retention.pinned):
+                say(f"removed old checkpoint {gone.name}")
+        except OSError as e:
+            say(f"warning: pruning old checkpoints in {root} failed ({e}); they stay on disk", file=sys.stderr)
         fault("save-pruned", step, dist.rank)
-    eng.barrier()
+    if (problem := eng.broadcast_object(problem)) is not None:  # the others wait here for rank 0's outcome
+        raise CheckpointError(problem)
     return time.perf_counter() - began
 
 
@@ -268,7 +277,9 @@ def model_class(hf_config):
     import transformers
 
     names = getattr(hf_config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
+    if not names:  # a config saved without it (checkpoints of lmforge before the task-generic export): a causal LM
+        return transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
+    cls = getattr(transformers, names[0], None)
     if cls is None:
         raise CheckpointError(f"model config names architectures {names!r}; expected one transformers class "
                               "(e.g. LlamaForCausalLM)")
@@ -319,7 +330,11 @@ def parity(folder: Path, input_ids: torch.Tensor, engine_logits: torch.Tensor, d
     The inputs and the engine's logits are kept beside the folder (export_parity.safetensors)."""
     from safetensors.torch import save_file
 
-    reloaded = model_class(_config(folder)).from_pretrained(folder, dtype=dtype).to(device)
+    reloaded = model_class(_config(folder)).from_pretrained(folder, dtype=dtype)
+    size = sum(p.numel() * p.element_size() for p in reloaded.parameters())
+    if device.type == "cuda" and size > 0.8 * torch.cuda.mem_get_info(device)[0]:
+        device = torch.device("cpu")  # a model larger than the free GPU memory (70B on one GPU): same dtype, on CPU
+    reloaded = reloaded.to(device)
     reloaded.eval()
     with torch.no_grad():
         logits = reloaded(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()

@@ -187,6 +187,12 @@ class Run:
         changes: a refused rerun must leave the run as it was."""
         if self.resume is None:
             return
+        expected = _engine().broadcast_object(expected)  # rank 0's view of the data too (a stale meta.json elsewhere)
+        older = [key for key in expected if key not in self.resume.record]
+        if older:  # an earlier lmforge recorded less: say so, rather than blame a changed config
+            self.close(2)
+            raise RunError(f"{self.resume.path} was saved by an earlier lmforge (its record has no {', '.join(older)}); "
+                           "resume it with that version, or start a new run_dir (`lmforge export` still reads it)")
         for key, (want, why) in expected.items():
             have = self.resume.record.get(key)
             if have != want:
@@ -374,6 +380,6 @@ def device_name(device) -> str:
 
 def fail(prog: str, error: Exception, code: int = 2) -> int:
     """Print a refusal once (rank 0, or the only process) and return the exit status."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:  # once, even before ranks are mapped
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
     return code

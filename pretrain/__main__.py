@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                                  pad_token_id(Path(cfg.data.path) / "tokenizer"), cfg.data.seq_len)
         facts = describe(hf_config, cfg.data.seq_len)  # parameters and FLOPs of the model actually trained
         plan = Plan.make(cfg.batch, cfg.engine, cfg.optim)
+        train, val = TokenShards(cfg.data.path, "train"), TokenShards(cfg.data.path, "val")
+        sampler = WindowSampler(train, cfg.data.seq_len, cfg.train.seed)  # a global, rank-free order of windows
+        val_ids = eval_windows(val, cfg.data.seq_len, cfg.eval.windows)  # a fixed validation set
     except (ShardError, ModelError, eng.EngineError) as e:
         return fail(PROG, e)
     micro, accum, global_batch, dtype, ds = plan.micro, plan.accum, plan.global_batch, plan.dtype, plan.ds
@@ -68,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # -- the run: process group, lease, the resume decision, checks before anything is overwritten --
-    train, val = TokenShards(cfg.data.path, "train"), TokenShards(cfg.data.path, "val")
     try:
         run = Run.open(STAGE, cfg.run_dir, launched, cfg.engine.collective_timeout, cfg.train.lease_timeout,
                        stops)
@@ -87,10 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         return fail(PROG, e)
     d, device = run.dist, run.dist.device
-
-    # -- data: a global, rank-free order of windows; a fixed validation set ------------------------
-    sampler = WindowSampler(train, cfg.data.seq_len, cfg.train.seed)
-    val_ids = eval_windows(val, cfg.data.seq_len, cfg.eval.windows)
 
     def val_batch(ids: list[int]) -> torch.Tensor:
         return torch.stack([torch.from_numpy(val.window(val_ids[i], cfg.data.seq_len).astype("int64")) for i in ids])
@@ -239,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                 tracker.finish(exit_code=1)
                 return run.close(fail(PROG, e, code=1))
             meter.reset()
+            if not stop and step < cfg.train.max_steps:  # a signal during the save: stop now, not after another
+                stop = run.should_stop(cfg.train.max_time)
+                stop = 0 if stop == LEASE_LOST else stop  # a lost lease stops at the next step, unsaved
         if stop:
             run.say(f"{run.stop_reason(stop)}: checkpoint saved at step {step}; rerun the same command to resume")
             tracker.finish()
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         engine_logits = engine(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
     module_config = engine.module.config
-    engine = model = None  # the engine's device memory goes before rank 0 reloads the export there
+    engine = model = stepper = None  # the engine's device memory goes before rank 0 reloads the export there
     run.leave()  # the other ranks are done: what follows is rank 0's alone, with no collective to time out
     tracker.finish()
     if not d.is_main:

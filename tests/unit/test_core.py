@@ -469,3 +469,13 @@ def test_a_model_section_whose_mlp_or_norm_contradicts_a_gpt2_folder_is_refused(
         models.model_config(ModelConfig(**same, intermediate_size=999), tmp_path, 128, 0, None, 16)
     with pytest.raises(models.ModelError, match="norm epsilon"):
         models.model_config(ModelConfig(**{**same, "norm_eps": 1e-6}), tmp_path, 128, 0, None, 16)
+
+
+def test_a_config_saved_without_architectures_exports_as_a_causal_lm():
+    """Checkpoints of an earlier lmforge saved config.json with `architectures` null: `lmforge export` must
+    still rebuild them (as the causal LM they are), not refuse."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    assert ckpt.model_class(GPT2Config()) is GPT2LMHeadModel
+    assert ckpt.model_class(LlamaConfig()) is LlamaForCausalLM
+    assert ckpt.generative(GPT2Config())
