@@ -177,3 +177,15 @@ def test_workers_whose_launcher_died_save_and_stop(tmp_path, tiny_data):
     assert "the launcher is gone: checkpoint saved at step" in out, out[-2000:]
     records = sorted((tmp_path / "run" / "checkpoints").glob("step-*/lmforge.json"))
     assert records and json.loads(records[-1].read_text())["step"] >= 2
+
+
+def test_data_without_a_usable_val_split_is_refused_before_the_run_opens(tmp_path, tiny_data):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["splits"]["val"] = {"tokens": 0, "documents": 0, "shards": []}
+    (data / "meta.json").write_text(json.dumps(meta))
+    cfg = pretrain_config(tmp_path / "p.yaml", data, tmp_path / "run")
+    proc = launch("pretrain", cfg)  # (under torchrun, torchrun adds its own report of a worker's exit 2)
+    assert proc.returncode == 2 and "fewer than one window" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "lease").exists()
