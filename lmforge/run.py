@@ -16,6 +16,7 @@ must not split the ranks. Only one launch works on a run folder at a time (`lmfo
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -270,6 +271,10 @@ class Run:
         the saving run did not have gets a stream of its own from `seed`); returns (record, seconds)."""
         began = time.perf_counter()
         path = self.resume.path
+        if ckpt.fault_requested("load-vanish", self.resume.step, 0):  # tests: pruned by another launch, after the choice
+            if self.dist.is_main:
+                shutil.rmtree(path)
+            _engine().barrier()
         try:
             _engine().load_checkpoint(engine, self.checkpoints, tag)
             if tag != self.resume.tag:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -189,3 +190,20 @@ def test_data_without_a_usable_val_split_is_refused_before_the_run_opens(tmp_pat
     proc = launch("pretrain", cfg)  # (under torchrun, torchrun adds its own report of a worker's exit 2)
     assert proc.returncode == 2 and "fewer than one window" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "lease").exists()
+
+
+def test_a_checkpoint_deleted_after_the_resume_chose_it_gives_a_clear_error(tmp_path, tiny_data):
+    """Another launch pruned (or a user deleted) the checkpoint between the resume decision and the load:
+    every rank says so and exits 2, the lease is released, nothing else is touched."""
+    cfg = pretrain_config(tmp_path / "p.yaml", tiny_data, tmp_path / "run",
+                          train={"max_steps": 2, "log_every": 1, "eval_every": 2, "save_every": 2})
+    first = launch("pretrain", cfg, nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = launch("pretrain", cfg, "train.max_steps=4", nproc=2, env={"LMFORGE_FAULT": "load-vanish:2:0"})
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "disappeared while it was being loaded" in proc.stderr, proc.stderr[-3000:]
+    # torchrun prints its own traceback for a worker's exit 2; none may come from a worker (ours or DeepSpeed's)
+    assert not re.search(r'File ".*/(lmforge|pretrain|deepspeed)/', proc.stderr), proc.stderr[-3000:]
+    newest = sorted((tmp_path / "run" / "lease").glob("*.json"))[-1]
+    assert json.loads(newest.read_text()).get("released") is True  # the next launch need not wait for a TTL
+    assert not (tmp_path / "run" / "checkpoints" / "step-4").exists()
