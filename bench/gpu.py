@@ -27,8 +27,8 @@ What runs, each in processes of its own (`torchrun --nproc_per_node=1`, NCCL on 
                Timed by a TrainerCallback at every step end, rates as for lmforge.
   3. memory    one training step (forward, loss, backward; no optimizer: its states are the same either way)
                of the same model in bf16 at micro 16 x 1024: `torch.cuda.max_memory_allocated` after
-               `reset_peak_memory_stats`, with `lmforge.loss.token_loss` (chunked) and with
-               `F.cross_entropy(logits.float())`, each after a warm-up step of its own (cuBLAS workspaces).
+               `reset_peak_memory_stats`, with `lmforge.loss.token_loss` (chunked), with `lmforge.loss.lm_loss`
+               (fused: no logits, the stages' loss) and with `F.cross_entropy(logits.float())`, each after a warm-up step of its own (cuBLAS workspaces).
                Step bytes = peak - what was allocated before the step (the weights).
   4. round trip `-m pretrain` in bf16 on the GPU for 4 steps with saves at 2 and 4 (export at 4), then relaunched
                with train.max_steps=6: it must resume at step 4, log steps 5-6 only, save, export final/ whose
@@ -221,7 +221,7 @@ def run_lmforge(config: Path, run_dir: Path, work: Path, smoke: bool, precision:
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. Memory of one training step, with and without the chunked loss (one process, no torchrun)
+# 3. Memory of one training step, with and without the chunked and fused losses (one process, no torchrun)
 
 
 def child_memory(spec: dict) -> dict:
@@ -231,7 +231,7 @@ def child_memory(spec: dict) -> dict:
     from lmforge.config.model import ModelConfig
     from lmforge.data.sampler import WindowSampler
     from lmforge.data.shards import TokenShards
-    from lmforge.loss import token_loss
+    from lmforge.loss import lm_loss, token_loss
     from lmforge.models import build_model
 
     device = torch.device(spec["device"])
@@ -243,8 +243,10 @@ def child_memory(spec: dict) -> dict:
     model.train()
     sampler = WindowSampler(TokenShards(Path(spec["data"]), "train"), spec["seq_len"], 1234)
     x = sampler.batch(range(spec["micro"])).to(device)
-    losses = {"chunked": lambda logits, y: token_loss(logits, y),
-              "plain": lambda logits, y: F.cross_entropy(logits.float().flatten(0, 1), y.flatten())}
+    losses = {"chunked": lambda x: token_loss(model(input_ids=x[:, :-1], use_cache=False).logits, x[:, 1:]),
+              "plain": lambda x: F.cross_entropy(model(input_ids=x[:, :-1], use_cache=False).logits.float().flatten(0, 1),
+                                                 x[:, 1:].flatten()),
+              "fused": lambda x: lm_loss(model, x[:, :-1], x[:, 1:])}  # the stages' loss: no logits at all
 
     def current() -> int:
         if cuda:
@@ -259,7 +261,7 @@ def child_memory(spec: dict) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         else:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: from here on, this step's peak
-        loss = losses[kind](model(input_ids=x[:, :-1], use_cache=False).logits, x[:, 1:])
+        loss = losses[kind](x)
         loss.backward()
         current()
         peak = torch.cuda.max_memory_allocated(device) if cuda else bench_memory.status_bytes()["peak_rss_bytes"]
@@ -273,8 +275,9 @@ def child_memory(spec: dict) -> dict:
         out[kind] = {**step(kind), "warmup_step_bytes": warm["step_bytes"]}
     grads = {k: out[k].pop("_grad") for k in out}
     scale = float(grads["plain"].abs().max())
-    return {**out, "loss_abs_diff": abs(out["chunked"]["loss"] - out["plain"]["loss"]),
-            "output_grad_max_abs_diff_rel": float((grads["chunked"] - grads["plain"]).abs().max()) / max(scale, 1e-30),
+    return {**out, "loss_abs_diff": max(abs(out[k]["loss"] - out["plain"]["loss"]) for k in ("chunked", "fused")),
+            "output_grad_max_abs_diff_rel": max(float((grads[k] - grads["plain"]).abs().max())
+                                                for k in ("chunked", "fused")) / max(scale, 1e-30),
             "params": sum(p.numel() for p in model.parameters()),
             "device_name": torch.cuda.get_device_name(device) if cuda else "cpu"}
 
@@ -426,9 +429,10 @@ def main() -> int:
                                   "seq_len": seq, "micro": micro, "device": device, "precision": precision},
                        work, smoke, timeout, torchrun=False)
     memory["fp32_logits_bytes"] = micro * seq * vocab * 4  # one fp32 [tokens, vocab] tensor
-    memory["reduction"] = 1 - memory["chunked"]["step_bytes"] / max(memory["plain"]["step_bytes"], 1)
+    memory["reduction"] = 1 - memory["fused"]["step_bytes"] / max(memory["plain"]["step_bytes"], 1)
     print(f"[bench] memory of one step (micro {micro} x {seq}): plain {memory['plain']['step_bytes'] / 1e9:.2f} GB, "
-          f"chunked {memory['chunked']['step_bytes'] / 1e9:.2f} GB ({100 * memory['reduction']:.0f}% less)", flush=True)
+          f"chunked {memory['chunked']['step_bytes'] / 1e9:.2f} GB, fused {memory['fused']['step_bytes'] / 1e9:.2f} GB "
+          f"({100 * memory['reduction']:.0f}% less)", flush=True)
 
     # 4: save -> resume -> export through the stage
     # a smaller batch than the throughput runs' on the GPU (accumulation kept): the round trip is about state
@@ -509,6 +513,8 @@ def write_table(report: dict, path: Path) -> None:
         f"{mem['plain']['loss']:.4f} |",
         f"| `lmforge.loss.token_loss` (chunked) | {mem['chunked']['step_bytes'] / gb:.2f} | "
         f"{mem['chunked']['step_bytes'] / mem['plain']['step_bytes']:.2f}x | {mem['chunked']['loss']:.4f} |",
+        f"| `lmforge.loss.lm_loss` (fused, the stages' loss) | {mem['fused']['step_bytes'] / gb:.2f} | "
+        f"{mem['fused']['step_bytes'] / mem['plain']['step_bytes']:.2f}x | {mem['fused']['loss']:.4f} |",
         "",
         f"Round trip in {c['precision']} through the stage: saved at steps {rt['first_launch']['checkpoints']}, relaunched "
         f"with train.max_steps={rt['second_launch']['steps']}: resumed at step {rt['second_launch']['resumed_at_step']}, "

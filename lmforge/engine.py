@@ -629,3 +629,8 @@ def gathered(params):
     if not params:
         return contextlib.nullcontext()
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def partitioned(param) -> bool:
+    """Whether ZeRO-3 partitions this parameter (its full weight exists only inside its module's forward)."""
+    return hasattr(param, "ds_id")

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                               example="optim.lr=3e-4")
     from lmforge import engine as eng  # imports DeepSpeed: after the config is known to be good
     from lmforge import loop
-    from lmforge.loss import token_loss
+    from lmforge.loss import lm_loss
 
     # -- what the data and the model say, and the batch arithmetic: errors before any work ---------
     try:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             for ids, real in loop.eval_slices(len(val_ids), micro, d.rank, d.world):
                 x = val_batch(ids).to(device)
-                loss = token_loss(engine(input_ids=x[:, :-1], use_cache=False).logits, x[:, 1:], reduction="sum")
+                loss = lm_loss(engine, x[:, :-1], x[:, 1:], reduction="sum")
                 if real:
                     total += torch.stack([loss.double(), torch.tensor(float(x[:, 1:].numel()), device=device,
                                                                       dtype=torch.float64)])
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for m, x in enumerate(loop.prefetch(rows, device)):
             if trace:
                 trace.write(json.dumps({"step": step + 1, "micro": m, "rows": x[:, :2].tolist()}) + "\n")
-            loss = token_loss(engine(input_ids=x[:, :-1], use_cache=False).logits, x[:, 1:])
+            loss = lm_loss(engine, x[:, :-1], x[:, 1:])
             if ckpt.fault_requested("nan-loss", step + 1, d.rank):  # tests: a rank's loss goes bad
                 loss = loss * float("nan")
             stepper.backward(loss)

@@ -110,10 +110,10 @@ def test_smoke_run_covers_every_gpu_code_path(tmp_path):
     assert min(abs(tr["losses"][0] - lm["losses"][0]),
                abs(tr["losses"][0] * seq / (seq - 1) - lm["losses"][0])) < 0.01, (tr["losses"][0], lm["losses"][0])
 
-    # one step with the chunked loss and with F.cross_entropy(logits.float()): the same loss and gradients in fp32
+    # one step with the chunked loss, the fused loss and with F.cross_entropy(logits.float()): the same loss and gradients in fp32
     mem = report["memory"]
     assert mem["loss_abs_diff"] < 1e-5 and mem["output_grad_max_abs_diff_rel"] < 1e-4
-    assert mem["plain"]["step_bytes"] > 0 and mem["chunked"]["step_bytes"] > 0
+    assert mem["plain"]["step_bytes"] > 0 and mem["chunked"]["step_bytes"] > 0 and mem["fused"]["step_bytes"] > 0
 
     rt = report["round_trip"]
     assert rt["ok"] is True

@@ -117,3 +117,98 @@ def test_no_fp32_tokens_by_vocab_tensors_are_held(dtype, monkeypatch):
     chunked, full = step(token_loss), step(reference)
     assert chunked < 1.25 * size, (chunked, size)
     assert full >= 2.9 * logits.numel() * 4, (full, size)  # 3 fp32 [tokens, vocab] (and a few scalars)
+
+
+# -- head_loss / lm_loss: the projection fused with the loss (no [tokens, vocab] logits) --------------------
+
+def head_reference(hidden, weight, targets, ignore_index=-100, reduction="mean"):
+    return reference(hidden @ weight.t(), targets, ignore_index, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("rows, hidden_size, vocab", [(37, 16, 101), (1, 8, 5), (64, 4, 4096)],
+                         ids=["blocks", "one-row", "one-row-blocks"])
+def test_head_loss_matches_cross_entropy_of_the_projection(reduction, rows, hidden_size, vocab):
+    from lmforge.loss import head_loss
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(rows, hidden_size, generator=g)
+    weight = torch.randn(vocab, hidden_size, generator=g) * 0.5
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[::3] = -100
+    targets[0] = 1
+    results = []
+    for fn in (head_loss, head_reference):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        value = fn(h, w, targets, reduction=reduction)
+        (value * 2.5).backward()  # an upstream factor (gradient accumulation's 1/steps) reaches both gradients
+        results.append((value.detach(), h.grad, w.grad))
+    (got, got_h, got_w), (want, want_h, want_w) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    assert (got_h[targets == -100] == 0).all()
+
+
+def test_head_loss_in_bf16_keeps_the_dtypes_and_is_nan_when_nothing_counts():
+    from lmforge.loss import head_loss
+
+    hidden = torch.randn(9, 8, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(33, 8, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 33, (9,))
+    value = head_loss(hidden, weight, targets)
+    value.backward()
+    assert value.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(value, head_reference(hidden.float(), weight.float(), targets), rtol=2e-2, atol=2e-2)
+    assert head_loss(hidden, weight, torch.full((9,), -100)).isnan()  # like F.cross_entropy's mean
+
+
+def _tiny(kind: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "llama":  # an untied output layer
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    else:  # GPT-2: the output layer is the embedding (tied): both uses' gradients must add up
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                           eos_token_id=0))
+    return model.eval()  # no dropout: both paths see the same forward
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_lm_loss_never_builds_the_logits_and_matches_the_logits_path(kind, monkeypatch):
+    from lmforge.loss import lm_loss
+
+    model = _tiny(kind)
+    x = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(2))
+    want = token_loss(model(input_ids=x[:, :-1], use_cache=False).logits, x[:, 1:])
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    shapes = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    monkeypatch.setattr(loss_module, "token_loss", lambda *a, **k: pytest.fail("took the logits path"))
+    got = lm_loss(model, x[:, :-1], x[:, 1:])
+    got.backward()
+    assert shapes == [(2, 0, 300)]  # the model's own head ran on no position: no [tokens, vocab] logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation: the sum, no gradient work
+        torch.testing.assert_close(lm_loss(model, x[:, :-1], x[:, 1:], reduction="sum"),
+                                   want.detach() * x[:, 1:].numel(), rtol=1e-5, atol=1e-4)
+
+
+def test_lm_loss_keeps_the_logits_path_for_a_model_it_does_not_know(monkeypatch):
+    from lmforge.loss import lm_loss
+
+    model = _tiny("llama")
+    monkeypatch.setattr(loss_module, "FUSED_HEAD_MODELS", frozenset())  # as for Gemma 2's soft-capped logits
+    called = []
+    monkeypatch.setattr(loss_module, "head_loss", lambda *a, **k: called.append(1))
+    x = torch.randint(0, 300, (1, 9))
+    want = token_loss(model(input_ids=x[:, :-1], use_cache=False).logits, x[:, 1:])
+    torch.testing.assert_close(lm_loss(model, x[:, :-1], x[:, 1:]), want)
+    assert not called
