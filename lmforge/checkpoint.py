@@ -303,12 +303,13 @@ def export_hf(out: Path, hf_config, state_dict: dict, tokenizer_dir: Path, linea
     if bad:
         raise CheckpointError(f"refusing to export non-finite weights ({', '.join(bad[:5])}{'...' if len(bad) > 5 else ''})")
     dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
-    hf_config.dtype = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+    hf_config.dtype = str(dtype).removeprefix("torch.")  # (a config loaded by transformers may turn it into a torch.dtype)
     cls = model_class(hf_config)
 
     def fill(tmp: Path) -> None:
         with torch.device("meta"):  # no second copy of the weights: the state dict is what gets written
-            model = cls(hf_config).to(getattr(torch, hf_config.dtype))  # save_pretrained records the model's dtype
+            model = cls(hf_config).to(dtype)  # save_pretrained records the model's dtype
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():

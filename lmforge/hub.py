@@ -111,6 +111,7 @@ INFO_KEYS = {
     "world_size": "ranks (int)", "device": "e.g. 'NVIDIA H100 80GB' or 'cpu'",
     "data_fingerprint": "str", "tokenizer_hash": "str",
     "metrics": "dict name -> float, e.g. {'val_loss': 3.21, 'val_perplexity': 24.8}",
+    "labels": "classification: the label names in id order (config.id2label)",
     "command": "the command line that produced the model (str)",
     "config_yaml": "the resolved config (str)",
     "parent": "parent checkpoint: a Hub model id (becomes base_model) or a local path (an absolute one is "
@@ -209,6 +210,8 @@ def model_card(info: dict) -> str:
                    for label, key in (("Data fingerprint", "data_fingerprint"), ("Tokenizer hash", "tokenizer_hash"))])
     if data:
         lines += ["## Data", "", *data]
+    if get("labels"):
+        lines += ["## Labels", "", ", ".join(f"`{label}`" for label in get("labels")), ""]
     metrics = get("metrics") or {}
     if metrics:
         lines += ["## Results", "", *_table([(k, _metric(v)) for k, v in metrics.items()], ("Metric", "Value"))]

@@ -111,15 +111,17 @@ def eval_slices(count: int, micro: int, rank: int, world: int) -> Iterator[tuple
         yield (ids, True) if ids else ([0], False)
 
 
-def prefetch(batches: Iterable[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
-    """Yield `batches` on `device`, the next one's host-to-device copy started before the current one is
-    used (pinned memory, non_blocking) so it overlaps the step on a GPU. On CPU it passes them through."""
+def prefetch(batches: Iterable, device: torch.device) -> Iterator:
+    """Yield `batches` (tensors, or tuples of tensors) on `device`, the next one's host-to-device copy started
+    before the current one is used (pinned memory, non_blocking) so it overlaps the step on a GPU. On CPU it
+    passes them through."""
     if device.type != "cuda":
         yield from batches
         return
     ahead = None
     for batch in batches:
-        ready = batch.pin_memory().to(device, non_blocking=True)
+        ready = tuple(t.pin_memory().to(device, non_blocking=True) for t in batch) if isinstance(batch, tuple) \
+            else batch.pin_memory().to(device, non_blocking=True)
         if ahead is not None:
             yield ahead
         ahead = ready
@@ -146,6 +148,18 @@ def status(step: int, max_steps: int, metrics: dict, eta: str) -> str:
             f"MFU {100 * metrics['train/mfu']:.1f}% | mem {metrics['train/memory_gb']:.2f} GB"
             + (f" (reserved {metrics['train/memory_reserved_gb']:.2f})" if "train/memory_reserved_gb" in metrics else "")
             + f" | ETA {eta}")
+
+
+def metrics_line(metrics: dict) -> str:
+    """Evaluation metrics in a line: "loss 1.2345, ppl 3.44, accuracy 81.2%" (rates as percentages)."""
+    parts = []
+    for key, value in metrics.items():
+        if not isinstance(value, float):
+            continue
+        name = key.split("/")[-1]
+        rate = name in ("accuracy", "macro_f1", "exact_match")
+        parts.append(f"{name} {100 * value:.1f}%" if rate else f"{name} {value:.4f}")
+    return ", ".join(parts)
 
 
 def sample(engine, tokenizer_json: Path, prompt: str, max_new_tokens: int, eos_id: int, synced: bool) -> str:

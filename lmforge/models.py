@@ -92,8 +92,6 @@ def model_config(cfg: ModelConfig | None, init_from: Path | None, vocab_size: in
     """The transformers config of the model a stage trains: read from `init_from`'s config.json when given
     (a `model:` section beside it must agree with it), else built from `cfg`. Checks the data's vocabulary
     and `seq_len` against it, so every count, check and card downstream describes the real model."""
-    from transformers import AutoConfig
-
     if init_from is None:
         if cfg.vocab_size is not None and cfg.vocab_size != vocab_size:
             raise ModelError(f"model.vocab_size is {cfg.vocab_size} but the data in data.path was tokenized with a {vocab_size}-token "
@@ -102,19 +100,10 @@ def model_config(cfg: ModelConfig | None, init_from: Path | None, vocab_size: in
         config.architectures = ["GPT2LMHeadModel" if cfg.family == "gpt2" else "LlamaForCausalLM"]
         return config
     folder = Path(init_from)
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"init_from: {folder} is not a Hugging Face model folder (no config.json)")
-    config = AutoConfig.from_pretrained(folder)
-    arch = (config.architectures or ["?"])[0]
-    if not (arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")):
-        raise ModelError(f"init_from: {folder} holds a {arch}, not a causal language model")
+    config = folder_config(folder, seq_len, "data.seq_len")
     if config.vocab_size != vocab_size:
         raise ModelError(f"init_from: {folder} has vocab_size {config.vocab_size}, the data's tokenizer has "
                          f"{vocab_size}; tokenize with that model's tokenizer (tokenizer.pretrained)")
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and seq_len > positions:
-        raise ModelError(f"data.seq_len {seq_len} is longer than {folder}'s {positions} positions "
-                         "(max_position_embeddings); use a shorter data.seq_len")
     if cfg is not None:
         mine = hf_config(cfg, vocab_size, eos_id, pad_id)
         keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -126,6 +115,25 @@ def model_config(cfg: ModelConfig | None, init_from: Path | None, vocab_size: in
         if clash:
             raise ModelError(f"the model section contradicts init_from {folder}/config.json ({'; '.join(clash)}); "
                              "remove the model section (the folder's config is the architecture)")
+    return config
+
+
+def folder_config(folder: Path, seq_len: int, seq_key: str):
+    """The config of the causal LM in the Hugging Face folder `folder`, checked: a causal LM (not a classifier
+    or an encoder), with at least `seq_len` positions (`seq_key` names the setting to change)."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"init_from: {folder} is not a Hugging Face model folder (no config.json)")
+    config = AutoConfig.from_pretrained(folder)
+    arch = (config.architectures or ["?"])[0]
+    if not (arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")):
+        raise ModelError(f"init_from: {folder} holds a {arch}, not a causal language model")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and seq_len > positions:
+        raise ModelError(f"{seq_key} {seq_len} is longer than {folder}'s {positions} positions "
+                         f"(max_position_embeddings); use a shorter {seq_key}")
     return config
 
 
@@ -160,11 +168,31 @@ def build(config, init_from: Path | None = None, dtype: torch.dtype = torch.floa
     """The model for `config` (from `model_config`): loaded from `init_from`, or freshly initialised (seed
     the global RNG first for a reproducible init). Call inside `engine.model_context` so that under ZeRO-3
     it is built partitioned."""
-    from transformers import AutoModelForCausalLM
+    if init_from is not None:  # the class `config` names: a causal LM, or a classifier whose body is the folder's
+        from lmforge.checkpoint import model_class
 
-    if init_from is not None:
-        return AutoModelForCausalLM.from_pretrained(init_from, dtype=dtype, attn_implementation="sdpa")
+        return model_class(config).from_pretrained(init_from, config=config, dtype=dtype, attn_implementation="sdpa")
     return fresh_model(config, dtype)
+
+
+def classifier_config(config, labels: list, pad_id: int):
+    """The config of a sequence classifier over `labels` whose body is the causal LM `config` describes
+    (transformers' `...ForSequenceClassification` of the same family: it classifies on the last non-pad token,
+    so `pad_id` must be set). Label names are kept as id2label / label2id for the exported config."""
+    import copy
+
+    import transformers
+
+    cls = transformers.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(type(config), None)
+    if cls is None:
+        raise ModelError(f"transformers has no sequence-classification class for {config.model_type} models")
+    out = copy.deepcopy(config)
+    out.architectures = [cls.__name__]
+    out.num_labels = len(labels)
+    out.id2label = {i: str(label) for i, label in enumerate(labels)}
+    out.label2id = {str(label): i for i, label in enumerate(labels)}
+    out.pad_token_id = pad_id
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -151,14 +151,16 @@ class Meter:
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.steps = time.perf_counter(), 0
+        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
 
-    def step(self) -> None:
+    def step(self, tokens: int | None = None) -> None:
+        """One optimizer step of `tokens` (all ranks; default: the fixed tokens_per_step of packed windows)."""
         self.steps += 1
+        self.tokens += self.tokens_per_step if tokens is None else tokens
 
     def report(self) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        tokens_per_s = self.steps * self.tokens_per_step / elapsed
+        tokens_per_s = self.tokens / elapsed
         # no peak figure (an unknown GPU): MFU is NaN, never a guess
         mfu = float("nan") if math.isnan(self.peak) else tokens_per_s * self.flops_per_token / (self.peak * self.world)
         out = {"tokens_per_s": tokens_per_s, "mfu": mfu, "step_seconds": elapsed / max(self.steps, 1)}

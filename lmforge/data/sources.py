@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import glob
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,18 @@ from lmforge.config.tokenize import FilesSource, HFSource, StdlibSource
 
 SURROGATES = re.compile("[\ud800-\udfff]")
 BINARY_SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB marks a file as binary (as git does)
+
+
+def doc_hash(data: bytes) -> bytes:
+    """A document's content hash (its UTF-8 bytes): the split, the tokenizer's sample and shard digests use it."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def hash_fraction(digest: bytes) -> float:
+    """A document's position in [0, 1), from its content hash. Tokenization holds out the documents below
+    `split.val_fraction`; fine-tuning's built-in tasks hold out the same files, so a task's validation and
+    test text is never in the pretraining train split."""
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 class DataError(Exception):
