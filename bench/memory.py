@@ -32,14 +32,16 @@ Memory at scale (`python bench/memory.py`, its own results file bench/results/me
 of BENCHMARKS.md; the ZeRO table above stays with bench/train.py):
 
   loss      one training step (forward, backward, AdamW step; the moments exist) of a GPT-2-124M-shaped model (configs/model/124m.yaml,
-            vocab 50,257, seq 1,024, micro 4) on CPU in fp32, with `F.cross_entropy(logits.float())` and with
-            lmforge's `token_loss` (DeepSpeed's chunked cross entropy), each in a fresh process. Measured: the peak
+            vocab 50,257, seq 1,024, micro 4) on CPU in fp32, with `F.cross_entropy(logits.float())`, with
+            lmforge's `token_loss` over the logits (DeepSpeed's chunked cross entropy) and with `lm_loss` (the
+            stages' loss: no logits at all, the projection fused with the loss), each in a fresh process. Measured: the peak
             of torch's CPU allocator over the step above where it stood before (the torch profiler's memory
             events, every allocation and free, summed in order: live tensor bytes, nothing else), and the peak
             RSS over the step above the RSS before it (VmHWM reset first; glibc returns blocks over 64 KB at
             once, MALLOC_MMAP_THRESHOLD_=65536, so RSS follows the live tensors). The loss part alone is measured
             too, in the same processes: the output projection and the loss over [micro x seq, 768] hidden states
-            (fp32, as the step), and the loss alone over bf16 logits (what a GPU step's loss holds).
+            (fp32, as the step), and the loss alone over bf16 logits (what a GPU step's loss holds; the fused
+            loss has no logits to take, and a bf16 projection is too slow to run on these CPUs).
             The same comparison on a GPU (bf16, CUDA's own peak counter) is bench/gpu.py's, not this script's.
   startup   per-rank memory from process start through `engine.initialize` for a ~214M-parameter Llama (MODEL,
             vocab 8,192) on 2 ranks, ZeRO-3 (the ZeRO-3 JSON of the table above), fp32, built whole (today) and
@@ -296,9 +298,22 @@ def cross_entropy(logits, targets):
 
 
 def loss_function(method: str):
-    from lmforge.loss import token_loss
+    """The step's loss for `method`, as (model, x) -> loss, and its loss part over (hidden, weight, targets)."""
+    import torch.nn.functional as F
 
-    return {"cross_entropy": cross_entropy, "chunked": token_loss}[method]
+    from lmforge.loss import head_loss, lm_loss, token_loss
+
+    if method == "fused":
+        return lm_loss_rows, head_loss
+    over_logits = {"cross_entropy": cross_entropy, "chunked": token_loss}[method]
+    return (lambda model, x: over_logits(model(input_ids=x[:, :-1], use_cache=False).logits, x[:, 1:]),
+            lambda hidden, weight, y: over_logits(F.linear(hidden, weight), y))
+
+
+def lm_loss_rows(model, x):
+    from lmforge.loss import lm_loss
+
+    return lm_loss(model, x[:, :-1], x[:, 1:])
 
 
 def gpt2_124m():
@@ -311,7 +326,7 @@ def gpt2_124m():
 
 def train_step(model, optimizer, x, loss_fn) -> float:
     """One optimizer step on the rows `x` [micro, seq + 1], as a stage runs it."""
-    loss = loss_fn(model(input_ids=x[:, :-1], use_cache=False).logits, x[:, 1:])
+    loss = loss_fn(model, x)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -321,11 +336,11 @@ def train_step(model, optimizer, x, loss_fn) -> float:
 def loss_child(spec: dict) -> dict:
     """One method, in a fresh process (no torchrun): the loss part first, then the training step."""
     import torch
-    import torch.nn.functional as F
-
+    from lmforge.loss import token_loss
     from lmforge.models import build_model
 
-    micro, seq, loss_fn = spec["micro"], spec["seq"], loss_function(spec["method"])
+    micro, seq = spec["micro"], spec["seq"]
+    loss_fn, part_fn = loss_function(spec["method"])
     torch.manual_seed(0)
     model = build_model(gpt2_124m(), LOSS_VOCAB)
     model.train()
@@ -337,13 +352,16 @@ def loss_child(spec: dict) -> dict:
         """The loss part: the output projection and the loss over the step's hidden states, fp32 as the step."""
         hidden = torch.randn(micro, seq, model.config.n_embd, requires_grad=True)
         weight = model.lm_head.weight.detach().clone().requires_grad_(True)
-        return allocator_peak(lambda: loss_fn(F.linear(hidden, weight), x[:, 1:]).backward())[0]
+        return allocator_peak(lambda: part_fn(hidden, weight, x[:, 1:]).backward())[0]
 
-    def bf16_loss() -> int:
+    def bf16_loss() -> int | None:
         """The loss alone over bf16 logits, as a bf16 GPU step computes it (the logits exist before)."""
+        if spec["method"] == "fused":
+            return None  # no logits to take
         logits = torch.randn(micro, seq, LOSS_VOCAB, generator=torch.Generator().manual_seed(1)).bfloat16()
         logits.requires_grad_(True)
-        return allocator_peak(lambda: loss_fn(logits, x[:, 1:]).backward())[0]
+        return allocator_peak(lambda: {"cross_entropy": cross_entropy, "chunked": token_loss}[spec["method"]](
+            logits, x[:, 1:]).backward())[0]
 
     record["head_loss_alloc_peak_bytes"] = head_and_loss()
     # AdamW's moments exist before the measured step, as in every step but the first (zero gradients: the
@@ -434,25 +452,26 @@ def measure_loss(work: Path, micro: int, seq: int, timeout: float) -> dict:
     from lmforge.models import num_params
 
     methods = {}
-    for method in ("cross_entropy", "chunked"):
+    for method in ("cross_entropy", "chunked", "fused"):
         methods[method] = launch("loss", f"loss_{method}", {"method": method, "micro": micro, "seq": seq}, work,
                                  1, timeout)
         r = methods[method]
         print(f"[bench] loss {method:13s}: step peak {r['step_alloc_peak_bytes'] / 1e9:.2f} GB allocated, "
               f"{r['step_rss_peak_over_start_bytes'] / 1e9:.2f} GB RSS; head + loss {r['head_loss_alloc_peak_bytes'] / 1e9:.2f} GB;"
-              f" bf16 loss {r['bf16_loss_alloc_peak_bytes'] / 1e9:.2f} GB ({r['step_seconds']:.0f} s step)", flush=True)
-    ce, ch = methods["cross_entropy"], methods["chunked"]
+              f" ({r['step_seconds']:.0f} s step)", flush=True)
+    ce, fu = methods["cross_entropy"], methods["fused"]
     keys = ("step_alloc_peak_bytes", "step_rss_peak_over_start_bytes", "head_loss_alloc_peak_bytes",
             "bf16_loss_alloc_peak_bytes")
-    saving = {k.removesuffix("_bytes"): round(1 - ch[k] / ce[k], 3) for k in keys}
+    saving = {m: {k.removesuffix("_bytes"): None if r[k] is None else round(1 - r[k] / ce[k], 3) for k in keys}
+              for m, r in methods.items() if m != "cross_entropy"}
     tokens = micro * seq
     return {"model": gpt2_124m().model_dump(), "params": num_params(gpt2_124m(), LOSS_VOCAB)["total"],
             "vocab_size": LOSS_VOCAB, "seq_len": seq, "micro_batch_size": micro, "precision": "fp32",
             "logits_fp32_bytes": tokens * LOSS_VOCAB * 4, "methods": methods, "saving": saving,
-            "same_loss": abs(ce["loss"] - ch["loss"]) < 1e-4,
-            "target": {"target": f">= {TARGETS['loss_step_saving']:.0%} less (training step)",
-                       "measured": saving["step_alloc_peak"],
-                       "met": saving["step_alloc_peak"] >= TARGETS["loss_step_saving"]}}
+            "same_loss": all(abs(ce["loss"] - r["loss"]) < 1e-4 for r in methods.values()),
+            "target": {"target": f">= {TARGETS['loss_step_saving']:.0%} less (training step, the stages' loss)",
+                       "measured": saving["fused"]["step_alloc_peak"],
+                       "met": saving["fused"]["step_alloc_peak"] >= TARGETS["loss_step_saving"]}}
 
 
 def measure_startup(work: Path, timeout: float) -> dict:
@@ -502,7 +521,14 @@ def memory_table(report: dict) -> list[str]:
     def met(t: dict) -> str:
         return "met" if t["met"] else "**NOT MET**"
 
-    ce, ch, sv = loss["methods"]["cross_entropy"], loss["methods"]["chunked"], loss["saving"]
+    ce, ch, fu = (loss["methods"][k] for k in ("cross_entropy", "chunked", "fused"))
+
+    def row(label: str, key: str) -> str:
+        cells = [gb(r[key]) if r[key] is not None else "n/a" for r in (ce, ch, fu)]
+        saved = [f"{loss['saving'][m][key.removesuffix('_bytes')]:.0%}" if r[key] is not None else "n/a"
+                 for m, r in (("chunked", ch), ("fused", fu))]
+        return f"| {label} | {' | '.join(cells)} | {' | '.join(saved)} |"
+
     lines = [
         BEGIN,
         f"Measured {report['date']} by `python bench/memory.py` on **{m['cpus']} CPU cores** ({m['processor']}, torch "
@@ -513,33 +539,33 @@ def memory_table(report: dict) -> list[str]:
         "moments allocated before, as in every step but the first) of "
         f"GPT-2 124M ({loss['params'] / 1e6:.0f}M parameters, vocab {loss['vocab_size']:,}), micro "
         f"{loss['micro_batch_size']} x seq {loss['seq_len']:,}, fp32 on CPU, each loss in a fresh process: "
-        "`F.cross_entropy(logits.float())` (before) and `lmforge.loss.token_loss` (DeepSpeed's chunked cross "
-        "entropy). *Allocated*: the peak of torch's CPU allocator above where it stood before (live tensor bytes, "
-        "from the profiler's allocation events); *RSS*: the peak resident memory above the RSS before (glibc "
+        "`F.cross_entropy(logits.float())` (before), `lmforge.loss.token_loss` over the model's logits (DeepSpeed's "
+        "chunked cross entropy) and `lmforge.loss.lm_loss` (what the stages use: the model returns its last hidden "
+        "states and the output projection is fused with the loss, a block of rows at a time, so no [tokens, vocab] "
+        "tensor exists). *Allocated*: the peak of torch's CPU allocator above where it stood before (live tensor "
+        "bytes, from the profiler's allocation events); *RSS*: the peak resident memory above the RSS before (glibc "
         "returning blocks over 64 KB at once). The fp32 logits alone are "
         f"{gb(loss['logits_fp32_bytes'])} GB. *Output projection + loss*: the last matmul and the loss over the "
-        "step's hidden states, fp32; *bf16 loss*: the loss alone over bf16 logits, as a bf16 GPU step computes it.",
+        "step's hidden states, fp32; *bf16 loss*: the loss alone over bf16 logits, as a bf16 GPU step computes it "
+        "(the fused loss takes no logits).",
         "",
-        "| | cross entropy GB | chunked GB | saving |",
-        "|---|---:|---:|---:|",
-        f"| training step, allocated | {gb(ce['step_alloc_peak_bytes'])} | {gb(ch['step_alloc_peak_bytes'])} | "
-        f"{sv['step_alloc_peak']:.0%} |",
-        f"| training step, RSS | {gb(ce['step_rss_peak_over_start_bytes'])} | "
-        f"{gb(ch['step_rss_peak_over_start_bytes'])} | {sv['step_rss_peak_over_start']:.0%} |",
-        f"| output projection + loss (fp32), allocated | {gb(ce['head_loss_alloc_peak_bytes'])} | "
-        f"{gb(ch['head_loss_alloc_peak_bytes'])} | {sv['head_loss_alloc_peak']:.0%} |",
-        f"| loss over bf16 logits, allocated | {gb(ce['bf16_loss_alloc_peak_bytes'])} | "
-        f"{gb(ch['bf16_loss_alloc_peak_bytes'])} | {sv['bf16_loss_alloc_peak']:.0%} |",
+        "| | cross entropy GB | chunked GB | fused GB | chunked saves | fused saves |",
+        "|---|---:|---:|---:|---:|---:|",
+        row("training step, allocated", "step_alloc_peak_bytes"),
+        row("training step, RSS", "step_rss_peak_over_start_bytes"),
+        row("output projection + loss (fp32), allocated", "head_loss_alloc_peak_bytes"),
+        row("loss over bf16 logits, allocated", "bf16_loss_alloc_peak_bytes"),
         "",
-        f"Step time {ce['step_seconds']:.0f} s (cross entropy) and {ch['step_seconds']:.0f} s (chunked); first-step "
-        f"losses {ce['loss']:.5f} and {ch['loss']:.5f}. Target: {loss['target']['target']}: "
-        f"{loss['target']['measured']:.0%}, {met(loss['target'])}. With fp32 logits cross entropy peaks with three "
-        "fp32 [tokens, vocab] tensors (the log-softmax it saves, its gradient, the logits' gradient; nothing else "
-        "holds the logits once the log-softmax exists), the chunked loss with two (the logits it saves for "
-        f"backward, their gradient): one {gb(loss['logits_fp32_bytes'])} GB tensor less. The rest of the step is "
-        "the model's own activations and gradients. With bf16 logits (a GPU run) cross entropy's fp32 copy, "
-        "log-softmax and gradients all go, the last row. GPU figures (bf16, `python bench/gpu.py`) need a GPU: "
-        "not measured here.",
+        f"Step time {ce['step_seconds']:.0f} s (cross entropy), {ch['step_seconds']:.0f} s (chunked), "
+        f"{fu['step_seconds']:.0f} s (fused); first-step losses {ce['loss']:.5f}, {ch['loss']:.5f}, {fu['loss']:.5f}. "
+        f"Target: {loss['target']['target']}: {loss['target']['measured']:.0%}, {met(loss['target'])}. With fp32 "
+        "logits cross entropy peaks with three fp32 [tokens, vocab] tensors (the log-softmax it saves, its "
+        "gradient, the logits' gradient), the chunked loss with two (the logits it saves for backward, their "
+        "gradient), the fused loss with none (one block of rows, about the hidden states' size, and the output "
+        "weight's gradient, computed in the forward pass). The rest of the step is the model's own activations and "
+        "gradients. Under ZeRO-3 the output layer's weight exists only inside its own forward, so the stages take "
+        "the chunked loss over the model's logits there. GPU figures (bf16, `python bench/gpu.py`) need a GPU: not "
+        "measured here.",
         "",
         f"**ZeRO-3 start-up.** Per rank, {start['world_size']} ranks, a {start['params'] / 1e6:.0f}M-parameter "
         f"Llama ({start['model']['hidden_size']} hidden, {start['model']['num_layers']} layers, vocab "

@@ -30,7 +30,15 @@ from lmforge.config import save_config, to_yaml
 from lmforge.config.command import parse_command
 from lmforge.config.tokenize import TokenizeConfig
 from lmforge.data.shards import FORMAT, SPLITS, read_meta, token_dtype, write_shard
-from lmforge.data.sources import DataError, Policy, describe_bytes, open_source, read_all
+from lmforge.data.sources import (
+    DataError,
+    Policy,
+    describe_bytes,
+    doc_hash,
+    hash_fraction,
+    open_source,
+    read_all,
+)
 from lmforge.throughput import peak_rss
 from lmforge.tokenizer import (
     Encoder,
@@ -44,15 +52,6 @@ from lmforge.tokenizer import (
 
 VERIFY_DOCS = 256  # documents checked for fast-encoder/tokenizers id identity at start-up...
 VERIFY_BYTES = 2 * 2**20  # ...up to this much text (bytes): ~0.4 s, a fixed cost of every run
-
-
-def doc_hash(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def hash_fraction(digest: bytes) -> float:
-    """A document's position in [0, 1), from its content hash: the split and the training sample use it."""
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 @dataclass

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from lmforge.data.shards import ShardError, TokenShards
 from pretrain import tokenize
-from pretrain.tokenize import doc_hash, hash_fraction
+from lmforge.data.sources import doc_hash, hash_fraction
 
 from ..conftest import ROOT, sample_texts, write_jsonl, write_yaml
 
