@@ -30,7 +30,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
     "{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}"
+    "{% if not loop.last %}\n\n{% endif %}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}### Response:\n{% endif %}"
 )
@@ -171,7 +172,6 @@ def label_set(records: list[tuple[str, dict]], cfg: FinetuneDataConfig) -> list:
 def encode_classification(records, tokenizer, task: TaskConfig, cfg: FinetuneDataConfig, labels: list,
                           split: str) -> Examples:
     index = {label: i for i, label in enumerate(labels)}
-    sep = [tokenizer.eos_token_id]  # a text pair: first, EOS, second (one rule for every tokenizer)
     ids, targets, truncated = [], [], 0
     for where, r in records:
         label = field_of(r, cfg.label_field, where, (str, int))
@@ -179,10 +179,12 @@ def encode_classification(records, tokenizer, task: TaskConfig, cfg: FinetuneDat
             raise DataError(f"{where}: label {label!r} never occurs in the train split (labels: "
                             f"{', '.join(map(str, labels[:20]))}{'...' if len(labels) > 20 else ''}); a {split} label "
                             "must be one the model can learn")
-        tokens = tokenizer.encode(field_of(r, cfg.text_field, where), add_special_tokens=False)
-        if cfg.text_pair_field:
-            tokens = tokens + sep + tokenizer.encode(field_of(r, cfg.text_pair_field, where), add_special_tokens=False)
-        if not tokens:
+        # as transformers' text-classification pipeline encodes it (special tokens, the pair template), so that
+        # the exported model predicts there what it predicted here
+        text = field_of(r, cfg.text_field, where)
+        pair = field_of(r, cfg.text_pair_field, where) if cfg.text_pair_field else None
+        tokens = tokenizer(text, text_pair=pair)["input_ids"]
+        if not text.strip():
             raise DataError(f"{where}: field {cfg.text_field!r} is empty")
         tokens, was_cut = cut(tokens, task, where)
         truncated += was_cut
@@ -227,8 +229,9 @@ def encode_sft(records, tokenizer, task: TaskConfig, cfg: FinetuneDataConfig, ke
                 raise DataError(f"{where}: the tokenizer's chat template does not render this conversation "
                                 "turn by turn (a turn's text changes what came before); use a template that does")
             context, answer = encode(prompt[len(done):]), encode(upto[len(prompt):])
-            if n < keep_prompts and not ids:
-                ex.prompts.append(np.asarray(context, dtype=np.int64))
+            if n < keep_prompts and not ids:  # its end, leaving room for the answer within max_length
+                room = max(1, task.max_length - task.max_new_tokens)
+                ex.prompts.append(np.asarray(context[-room:], dtype=np.int64))
                 ex.answers.append(m["content"])
             ids += context + answer
             targets += [IGNORE] * len(context) + answer

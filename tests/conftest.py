@@ -76,3 +76,46 @@ def tiny_data(tmp_path_factory, tiny_tokenizer) -> Path:
         "progress": False, "shard_bytes": 1 << 20})
     assert tokenize.main([str(cfg)]) == 0
     return root / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama causal LM saved as a Hugging Face folder with the 512-token tokenizer: what fine-tuning
+    starts from (any HF causal LM folder; a pretraining run's final/ is one)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("lm") / "tiny-llama"
+    shutil.copytree(tiny_tokenizer, out)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 bos_token_id=None, eos_token_id=0, pad_token_id=1)).save_pretrained(out)
+    return out
+
+
+def word_tasks(root: Path, n: int = 96, seed: int = 0) -> dict[str, Path]:
+    """Small task files: classification (a text -> which of three words it has most of) and SFT (a word ->
+    the word reversed), train/validation/test JSONL each."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma"]
+    out = {}
+    for split, count in (("train", n), ("validation", n // 4), ("test", n // 4)):
+        cls, sft = [], []
+        for _ in range(count):
+            picks = [rng.choice(words) for _ in range(rng.randint(3, 12))]
+            cls.append({"text": " ".join(picks), "label": max(words, key=picks.count)})
+            word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 6)))
+            sft.append({"prompt": f"reverse {word}", "response": word[::-1]})
+        out[f"cls_{split}"] = write_jsonl(root / f"cls_{split}.jsonl", cls)
+        out[f"sft_{split}"] = write_jsonl(root / f"sft_{split}.jsonl", sft)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tasks_data(tmp_path_factory) -> dict[str, Path]:
+    return word_tasks(tmp_path_factory.mktemp("tasks"))

@@ -107,3 +107,22 @@ def traced(tmp_path, name: str) -> dict:
     folder = tmp_path / f"trace-{name}"
     folder.mkdir()
     return {"LMFORGE_TRACE_DIR": str(folder)}
+
+
+def finetune_config(path: Path, init_from: Path, run_dir: Path, kind: str, files: dict, **sections) -> Path:
+    """A tiny fine-tuning config on the word tasks (tests/conftest.word_tasks): `kind` classification or sft."""
+    short = "cls" if kind == "classification" else "sft"
+    cfg = {
+        "run_dir": str(run_dir),
+        "init_from": str(init_from),
+        "task": {"type": kind, "max_length": 32, "exact_match_examples": 4, "max_new_tokens": 6},
+        "data": {s: str(files[f"{short}_{s}"]) for s in ("train", "validation", "test")},
+        "batch": {"micro_batch_size": 4, "global_batch_size": 8},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
+        "engine": {"deepspeed": str(ROOT / "configs" / "deepspeed" / "zero2.json")},
+        "train": {"max_steps": 6, "log_every": 1, "eval_every": 3, "save_every": 3},
+        "tracking": {"wandb": False},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    return write_yaml(path, cfg)

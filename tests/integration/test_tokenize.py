@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from tokenizers import Tokenizer
 
 from lmforge.data.shards import ShardError, TokenShards
-from pretrain import tokenize
 from lmforge.data.sources import doc_hash, hash_fraction
+from pretrain import tokenize
 
 from ..conftest import ROOT, sample_texts, write_jsonl, write_yaml
 
@@ -221,9 +222,10 @@ def test_demo_on_the_whole_builtin_corpus_matches_tokenizers_id_for_id(tmp_path)
     splits = {s: TokenShards(out, s) for s in ("train", "val")}
     next_doc = {"train": 0, "val": 0}
     texts = list(read_all([open_source(StdlibSource())], Policy()))
+    val_fraction = yaml.safe_load((ROOT / "configs/tokenize/demo.yaml").read_text())["split"]["val_fraction"]
     reference = tok.encode_batch_fast(texts, add_special_tokens=False)
     for text, ref in zip(texts, reference, strict=True):
-        split = "val" if hash_fraction(doc_hash(text.encode())) < 0.02 else "train"
+        split = "val" if hash_fraction(doc_hash(text.encode())) < val_fraction else "train"
         got = splits[split].document(next_doc[split]).tolist()
         next_doc[split] += 1
         assert got == ref.ids + [0], f"ids differ from tokenizers for a document starting {text[:60]!r}"

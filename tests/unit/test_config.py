@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from lmforge.config import ConfigError, load_config, save_config
+from lmforge.config.finetune import FinetuneConfig
 from lmforge.config.model import ModelConfig
 from lmforge.config.pretrain import EngineConfig, PretrainConfig
 from lmforge.config.tokenize import TokenizeConfig
@@ -163,7 +164,7 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
 
 
 # Every shipped config is loaded and validated. A new folder under configs/ must be mapped here.
-SCHEMAS = {"tokenize": TokenizeConfig, "model": ModelConfig, "pretrain": PretrainConfig}
+SCHEMAS = {"tokenize": TokenizeConfig, "model": ModelConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
 DEEPSPEED = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
 
@@ -184,5 +185,5 @@ def test_shipped_deepspeed_json_holds_zero_settings_only(path):
 
 def test_there_are_shipped_configs():
     folders = {p.parent.name for p in SHIPPED}
-    assert {"tokenize", "model", "pretrain"} <= folders
+    assert {"tokenize", "model", "pretrain", "finetune"} <= folders
     assert {p.stem for p in DEEPSPEED} >= {"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"}
