@@ -51,12 +51,16 @@ def pretrain_config(path: Path, data: Path, run_dir: Path, seq_len: int = 64, **
     return write_yaml(path, cfg)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(module: str, config: Path, *overrides: str, nproc: int = 1, timeout: float = 600,
            env: dict | None = None, cwd: Path | None = None):
     """Run a stage as a user would: `torchrun --nproc_per_node=N -m MODULE` (or plain python for one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
                "-m", module, str(config), *overrides]
