@@ -19,8 +19,10 @@ import argparse
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,16 @@ from lmforge.config.command import parse_command
 from lmforge.config.finetune import FinetuneConfig
 from lmforge.data.sampler import GlobalOrder
 from lmforge.data.sources import DataError
-from lmforge.models import ModelError, build, classifier_config, describe, folder_config, human
+from lmforge.models import (
+    ModelError,
+    add_lora,
+    build,
+    classifier_config,
+    describe,
+    folder_config,
+    human,
+    merge_lora,
+)
 from lmforge.run import LEASE_LOST, Plan, Run, RunError, catch_signals, fail, rank_seed
 from lmforge.schedule import lr_at, schedule_change
 from lmforge.throughput import Meter, device_peak, duration
@@ -129,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         model = build(hf_config, cfg.init_from)
     hf_logging.set_verbosity(verbosity)
     hf_logging.enable_progress_bar()
+    if cfg.lora:  # the base frozen; the adapters (and a classifier's head) train
+        # peft (0.21) asks transformers' deprecated `is_gradient_checkpointing`: its warning, once per rank, is not ours
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = add_lora(model, cfg.lora, not sft)
     if cfg.engine.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = eng.initialize(model, ds, cfg.optim.weight_decay)
@@ -154,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     tracker = run.tracker(cfg.tracking, cfg.model_dump(mode="json"), step)
     peak, peak_source = device_peak(device, dtype, cfg.engine.peak_flops)
     peak = eng.all_reduce_sum([peak], device)[0] / d.world
-    run.say(f"{hf_config.architectures[0]} {human(facts['total'])} parameters from {cfg.init_from}, {d.world} rank(s) "
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+    run.say(f"{hf_config.architectures[0]} {human(facts['total'])} parameters from {cfg.init_from} ({human(trainable)} "
+            f"trained{', LoRA r=' + str(cfg.lora.r) if cfg.lora else ''}), {d.world} rank(s) "
             f"on {device.type}, ZeRO-{plan.zero_stage}, {plan.precision}; global batch {global_batch} examples "
             f"({len(train) / global_batch:.1f} steps per epoch); {max_steps} steps")
 
@@ -225,10 +242,14 @@ def main(argv: list[str] | None = None) -> int:
                                         {"source": cfg.data.builtin or cfg.data.train.describe(),
                                          "digest": data_digest, "examples": len(train)}, cfg.init_from,
                                         (cfg.init_from,)),
-                "card": ckpt.card(STAGE, "text-generation" if sft else "text-classification", engine.module,
+                "card": ckpt.card(STAGE, "text-generation" if sft else "text-classification",
+                                  engine.module.get_base_model() if cfg.lora else engine.module,
                                   **run.facts(), tokens_seen=tokens_seen, steps=at_step,
                                   metrics=scalars(last_eval) | scalars(tested), config_yaml=to_yaml(cfg),
-                                  parent=str(cfg.init_from), tokenizer_hash=tok_hash, labels=labels)}
+                                  parent=str(cfg.init_from), tokenizer_hash=tok_hash, labels=labels,
+                                  lora=None if cfg.lora is None else (
+                                      f"r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, dropout={cfg.lora.dropout:g}, "
+                                      f"target {cfg.lora.target_modules}; merged, adapter in adapter/"))}
 
     tok_hash = folder_hash(run.dir / "tokenizer")
     retention = ckpt.Retention(cfg.train.keep_last, cfg.train.keep_every, (max_steps,))
@@ -320,7 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     engine.eval()
     with torch.no_grad():
         engine_logits = engine(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
-    module_config = engine.module.config
     engine = model = stepper = None
     run.leave()  # rank 0's export from here: no collective left to time out
     tracker.finish()
@@ -332,11 +352,19 @@ def main(argv: list[str] | None = None) -> int:
                "world_size": d.world, "zero_stage": plan.zero_stage, "skipped_steps": health.skipped,
                "truncated": truncated, "labels": labels, "val_start": first_eval, "val": last_eval, "test": tested,
                "checkpoint_save_seconds": save_seconds, "checkpoint_load_seconds": load_seconds}
+    extra = {}
     try:
-        diff = ckpt.publish_final(run.dir, module_config, state_dict, probe, engine_logits, device, dtype,
-                                  cfg.eval.parity_tolerance, summary)
-    except ckpt.CheckpointError as e:
+        if cfg.lora:  # final/ is the merged model (a plain HF folder), final/adapter/ the adapter over init_from
+            extra["adapter"] = run.dir / ".adapter.tmp"
+            shutil.rmtree(extra["adapter"], ignore_errors=True)
+            state_dict = merge_lora(hf_config, cfg.lora, not sft, state_dict, extra["adapter"], str(cfg.init_from))
+        diff = ckpt.publish_final(run.dir, hf_config, state_dict, probe, engine_logits, device, dtype,
+                                  cfg.eval.parity_tolerance, {**summary, "trainable_params": trainable}, extra)
+    except (ckpt.CheckpointError, ModelError) as e:
         return run.close(fail(PROG, e, code=1))
+    finally:
+        for folder in extra.values():
+            shutil.rmtree(folder, ignore_errors=True)
     run.say(f"done: {step} steps in {duration(elapsed)}; val {loop.metrics_line(last_eval)}"
             + (f"; test {loop.metrics_line(tested)}" if tested else "")
             + f"\n[{STAGE}] Hugging Face model: {run.dir / 'final'} (logits match the engine's to {diff:.1e})")

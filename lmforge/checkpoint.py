@@ -291,7 +291,8 @@ def generative(hf_config) -> bool:
     return model_class(hf_config).__name__.endswith(("ForCausalLM", "LMHeadModel"))  # GPT2LMHeadModel too
 
 
-def export_hf(out: Path, hf_config, state_dict: dict, tokenizer_dir: Path, lineage: dict, card: dict | None) -> None:
+def export_hf(out: Path, hf_config, state_dict: dict, tokenizer_dir: Path, lineage: dict, card: dict | None,
+              extra: dict[str, Path] | None = None) -> None:
     """Write `out` as a Hugging Face folder (safetensors, config, tokenizer, a generation config for
     generative models, lineage.json, model card), published atomically: `out` is whole or absent. The
     class comes from `hf_config.architectures`; special token ids from the config itself."""
@@ -318,6 +319,8 @@ def export_hf(out: Path, hf_config, state_dict: dict, tokenizer_dir: Path, linea
             eos, pad = hf_config.eos_token_id, hf_config.pad_token_id
             GenerationConfig(bos_token_id=getattr(hf_config, "bos_token_id", None) or eos, eos_token_id=eos,
                              pad_token_id=pad if pad is not None else eos).save_pretrained(tmp)
+        for name, folder in (extra or {}).items():  # e.g. adapter/: a LoRA run's adapter beside the merged model
+            shutil.copytree(folder, tmp / name)
         (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True) + "\n")
         if card is not None:
             write_model_card(tmp, card)
@@ -353,18 +356,20 @@ def _config(folder: Path):
 
 
 def publish_final(run_dir: Path, hf_config, state_dict: dict, probe: torch.Tensor, engine_logits: torch.Tensor,
-                  device: torch.device, dtype: torch.dtype, tolerance: float | None, summary: dict) -> float:
+                  device: torch.device, dtype: torch.dtype, tolerance: float | None, summary: dict,
+                  extra: dict[str, Path] | None = None) -> float:
     """Rank 0, once the other ranks have left (nothing here may keep them waiting in a collective):
     RUN_DIR/final from the weights with the last checkpoint's lineage and card, its logits checked against
     the engine's on the same device and dtype, and summary.json. Past `tolerance` (default 1e-4 in fp32,
-    5e-2 in bf16) the export is moved aside and CheckpointError fails the run. Returns the difference."""
+    5e-2 in bf16) the export is moved aside and CheckpointError fails the run. `extra` folders are copied into
+    final/ under their names. Returns the difference."""
     run_dir, final = Path(run_dir), Path(run_dir) / "final"
     record = latest(run_dir / "checkpoints").record
     if fault_requested("export-slow", record["step"], 0):  # tests: a long export (a 70B model's) on rank 0 alone
         time.sleep(float(os.environ.get("LMFORGE_FAULT_SECONDS", 30)))
     if fault_requested("export-drift", record["step"], 0):  # tests: an export that does not match the engine
         state_dict = {k: v + 0.5 if v.is_floating_point() else v for k, v in state_dict.items()}
-    export_hf(final, hf_config, state_dict, run_dir / "tokenizer", record["lineage"], record["card"])
+    export_hf(final, hf_config, state_dict, run_dir / "tokenizer", record["lineage"], record["card"], extra)
     diff = parity(final, probe, engine_logits, device, dtype)
     tolerance = tolerance or (1e-4 if dtype == torch.float32 else 5e-2)
     write_summary(run_dir, {**summary, "export_parity_max_abs_diff": diff, "export_parity_tolerance": tolerance})

@@ -112,6 +112,7 @@ INFO_KEYS = {
     "data_fingerprint": "str", "tokenizer_hash": "str",
     "metrics": "dict name -> float, e.g. {'val_loss': 3.21, 'val_perplexity': 24.8}",
     "labels": "classification: the label names in id order (config.id2label)",
+    "lora": "LoRA settings when the model was fine-tuned with adapters (str)",
     "command": "the command line that produced the model (str)",
     "config_yaml": "the resolved config (str)",
     "parent": "parent checkpoint: a Hub model id (becomes base_model) or a local path (an absolute one is "
@@ -205,7 +206,7 @@ def model_card(info: dict) -> str:
     tokens = None if get("tokens_seen") is None else f"{human(get('tokens_seen'))} ({get('tokens_seen'):,})"
     lines += ["## Training", ""] + _table([("Stage", stage), ("Tokens seen", tokens), ("Optimizer steps", n("steps")),
                                            ("Global batch", n("global_batch_tokens", " tokens")),
-                                           ("Hardware", hardware)])
+                                           ("LoRA", get("lora")), ("Hardware", hardware)])
     data = _table([(label, f"`{get(key)}`" if get(key) else None)
                    for label, key in (("Data fingerprint", "data_fingerprint"), ("Tokenizer hash", "tokenizer_hash"))])
     if data:

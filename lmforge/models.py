@@ -175,6 +175,44 @@ def build(config, init_from: Path | None = None, dtype: torch.dtype = torch.floa
     return fresh_model(config, dtype)
 
 
+def lora_config(lora, classification: bool):
+    """peft's LoraConfig for the `lora:` settings; a classifier's new head trains in full (modules_to_save)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="SEQ_CLS" if classification else "CAUSAL_LM")
+
+
+def add_lora(model: torch.nn.Module, lora, classification: bool) -> torch.nn.Module:
+    """`model` with LoRA adapters (peft), its own weights frozen. Call outside ZeRO-3's partitioned
+    construction: peft initialises B to zero after building it, which a partitioned tensor would ignore;
+    DeepSpeed partitions the (small) adapters when the engine starts. Seed first: A is random."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(lora, classification))
+
+
+def merge_lora(config, lora, classification: bool, state_dict: dict, adapter_dir: Path, base: str) -> dict:
+    """A LoRA model's full state dict -> the adapter alone saved in `adapter_dir` (loadable with
+    `PeftModel.from_pretrained` over the model in `base`), and the merged model's state dict (returned).
+    Rebuilt on the meta device: no initialisation, no second copy of the weights."""
+    from peft import get_peft_model
+
+    from lmforge.checkpoint import model_class
+
+    with torch.device("meta"):
+        peft_model = get_peft_model(model_class(config)(config), lora_config(lora, classification))
+    missing, unexpected = peft_model.load_state_dict(state_dict, strict=False, assign=True)
+    if unexpected or any("lora_" in k or "modules_to_save" in k for k in missing):
+        raise ModelError(f"the LoRA model's weights do not fit its config (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    if missing:  # a tied output layer (it is the embedding) may come back once: tie it again
+        peft_model.base_model.model.tie_weights()
+    peft_model.peft_config["default"].base_model_name_or_path = base
+    peft_model.save_pretrained(adapter_dir)
+    return peft_model.merge_and_unload().state_dict()
+
+
 def classifier_config(config, labels: list, pad_id: int):
     """The config of a sequence classifier over `labels` whose body is the causal LM `config` describes
     (transformers' `...ForSequenceClassification` of the same family: it classifies on the last non-pad token,

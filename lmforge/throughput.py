@@ -72,7 +72,10 @@ def measure_cpu_peak(seconds: float = 0.5, size: int = 512) -> float:
     """FLOP/s of fp32 matmuls on this process's threads: the CPU's practical peak for MFU."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    # its own generator: drawing from the global one would shift a resumed run's dropout masks (the RNG
+    # state was just restored from the checkpoint) and break bitwise resume
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
     a @ b  # warm-up: thread pool and caches
     count, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds:

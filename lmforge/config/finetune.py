@@ -97,6 +97,19 @@ class FinetuneDataConfig(StrictModel):
         return self
 
 
+class LoraSettings(StrictModel):
+    """LoRA adapters (peft) on a frozen base: far fewer trainable parameters and optimizer states."""
+
+    r: int = Field(8, ge=1)
+    """Rank of each adapter."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale: the update is (alpha / r) x B A."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]); all-linear: every linear layer but the output layer."""
+
+
 class FinetuneTrainConfig(TrainConfig):
     """The loop: length (steps or epochs), seed, and how often to log, evaluate and save."""
 
@@ -139,6 +152,8 @@ class FinetuneConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=20,
                                                                    weight_decay=0.0))
     """Optimizer and learning-rate schedule."""
+    lora: LoraSettings | None = None
+    """LoRA instead of full fine-tuning; final/ holds the merged model, final/adapter/ the adapter alone."""
     engine: EngineConfig = Field(default_factory=EngineConfig)
     """DeepSpeed ZeRO variant and numerics."""
     train: FinetuneTrainConfig = Field(default_factory=lambda: FinetuneTrainConfig(epochs=1))

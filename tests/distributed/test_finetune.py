@@ -54,10 +54,17 @@ def test_sft_loss_is_normalised_by_the_steps_response_tokens_on_any_rank_count(t
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-6, msg=f"{split}: {name}")
 
 
-@pytest.mark.parametrize("kind, zero", [("sft", "zero2"), ("classification", "zero3")])
-def test_a_run_killed_after_a_save_resumes_to_the_same_weights_bit_for_bit(tmp_path, tiny_lm, tasks_data, kind, zero):
+@pytest.mark.parametrize("kind, zero, lora", [("sft", "zero2", False), ("classification", "zero3", False),
+                                              ("sft", "zero3", True)], ids=["sft-zero2", "classification-zero3",
+                                                                            "sft-lora-zero3"])
+def test_a_run_killed_after_a_save_resumes_to_the_same_weights_bit_for_bit(tmp_path, tiny_lm, tasks_data, kind, zero,
+                                                                           lora):
+    """Resume restores the weights (LoRA: the adapter over the frozen, partitioned base), the optimizer state,
+    the RNG and the position in the examples: the result is the uninterrupted run's, bit for bit."""
     ds = {"deepspeed": str(ROOT / "configs" / "deepspeed" / f"{zero}.json")}
     common = {"train": {"max_steps": 6, "eval_every": 3, "save_every": 3}, "engine": ds}
+    if lora:
+        common["lora"] = {"r": 4, "dropout": 0.1}  # dropout: the RNG streams must be restored too
     straight = finetune_config(tmp_path / "a.yaml", tiny_lm, tmp_path / "straight", kind, tasks_data, **common)
     assert launch("finetune", straight, nproc=2).returncode == 0
     broken = finetune_config(tmp_path / "b.yaml", tiny_lm, tmp_path / "broken", kind, tasks_data, **common)

@@ -101,3 +101,36 @@ def test_an_init_from_that_is_not_a_causal_lm_is_refused(tmp_path, tiny_lm, task
     proc = launch("finetune", cfg)
     assert proc.returncode == 2 and "is not a Hugging Face model folder (no config.json)" in proc.stderr
     assert no_worker_traceback(proc.stderr)
+
+
+@pytest.mark.parametrize("kind", ["sft", "classification"])
+def test_lora_exports_the_merged_model_and_an_adapter_that_gives_the_same_logits(tmp_path, tiny_lm, tasks_data, kind):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cfg = finetune_config(tmp_path / "l.yaml", tiny_lm, tmp_path / "run", kind, tasks_data,
+                          lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+                          train={"max_steps": 4, "eval_every": 4, "save_every": 4})
+    proc = launch("finetune", cfg)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "FutureWarning" not in proc.stderr and "LoRA r=4" in proc.stdout
+    final = tmp_path / "run" / "final"
+    summary = json.loads((final.parent / "summary.json").read_text())
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_lm).parameters())
+    assert 0 < summary["trainable_params"] < total / 4  # adapters (and a classifier's head) only
+    x = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    if kind == "sft":
+        merged = AutoModelForCausalLM.from_pretrained(final)
+        base = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    else:
+        merged = AutoModelForSequenceClassification.from_pretrained(final)
+        base = AutoModelForSequenceClassification.from_pretrained(
+            tiny_lm, num_labels=3, id2label=merged.config.id2label, label2id=merged.config.label2id, pad_token_id=1)
+    adapted = PeftModel.from_pretrained(base, final / "adapter")
+    assert type(merged).__name__.startswith("Llama") and not hasattr(merged, "peft_config")  # plain transformers
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, adapted(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+        with adapted.disable_adapter():  # the adapter changed the model: without it the logits differ
+            assert not torch.allclose(adapted(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-4)
+    assert "LoRA" in (final / "README.md").read_text()

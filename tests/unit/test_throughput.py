@@ -121,3 +121,16 @@ def test_memory_window_on_cuda_reads_both_peaks_then_resets_them(monkeypatch):
     assert memory_window(cuda) == {"allocated": 3 * 2**30, "reserved": 5 * 2**30}
     assert calls == ["max_allocated", "max_reserved", "reset"]  # read before reset, so nothing is lost
     assert memory_window(cuda) == {"allocated": 2**30, "reserved": 2**31}  # the next window's own peaks
+
+
+def test_measuring_the_cpu_peak_draws_nothing_from_the_global_rng():
+    """It runs after a resume restored the RNG streams: a draw there would change the dropout masks of the
+    resumed steps (a resumed run with dropout would no longer match an uninterrupted one bit for bit)."""
+    import torch
+
+    from lmforge.throughput import measure_cpu_peak
+
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    assert measure_cpu_peak(seconds=0.01, size=32) > 0
+    assert torch.equal(torch.get_rng_state(), before)
