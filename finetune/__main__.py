@@ -49,6 +49,7 @@ from lmforge.run import LEASE_LOST, Plan, Run, RunError, catch_signals, fail, ra
 from lmforge.schedule import lr_at, schedule_change
 from lmforge.throughput import Meter, device_peak, duration
 from lmforge.tokenizer import folder_hash
+from lmforge.tracking import plot_confusion
 
 STAGE = "finetune"
 PROG = "python -m finetune"
@@ -365,10 +366,30 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for folder in extra.values():
             shutil.rmtree(folder, ignore_errors=True)
+    if not sft:  # the per-class report and the confusion matrix of the last scored split
+        scored, split = (tested, "test") if tested else (last_eval, "val")
+        report = per_class(scored[f"{split}/confusion"], labels)
+        plot_confusion(scored[f"{split}/confusion"], labels, run.dir / "plots" / "confusion.png",
+                       f"{split} split, step {step}")
+        ckpt.write_summary(run.dir, {**json.loads((run.dir / "summary.json").read_text()), "per_class": report})
+        run.say(f"per class ({split}): " + "; ".join(f"{r['label']} F1 {100 * r['f1']:.0f}% (n={r['support']})"
+                                                   for r in report))
     run.say(f"done: {step} steps in {duration(elapsed)}; val {loop.metrics_line(last_eval)}"
             + (f"; test {loop.metrics_line(tested)}" if tested else "")
             + f"\n[{STAGE}] Hugging Face model: {run.dir / 'final'} (logits match the engine's to {diff:.1e})")
     return run.close(0)
+
+
+def per_class(confusion: list[list[int]], labels: list) -> list[dict]:
+    """Precision, recall, F1 and support of each class from a confusion matrix [truth][prediction]."""
+    out = []
+    for i, label in enumerate(labels):
+        tp = confusion[i][i]
+        predicted, support = sum(row[i] for row in confusion), sum(confusion[i])
+        precision, recall = tp / max(predicted, 1), tp / max(support, 1)
+        out.append({"label": label, "precision": precision, "recall": recall, "support": support,
+                    "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0})
+    return out
 
 
 if __name__ == "__main__":

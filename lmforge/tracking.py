@@ -379,3 +379,31 @@ def plot_metrics(records: list[dict], out_dir: str | os.PathLike, title: str = "
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plot_confusion(matrix: list[list[int]], labels: list, path: str | os.PathLike, title: str = "") -> Path:
+    """A confusion matrix [truth][prediction] as a PNG: counts in the cells, rows normalised for the colour
+    (recall per class reads along the diagonal)."""
+    from matplotlib.figure import Figure
+
+    n = len(labels)
+    rows = [max(1, sum(r)) for r in matrix]
+    side = max(4.0, 0.45 * n + 2)
+    fig = Figure(figsize=(side + 1, side), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow([[c / rows[i] for c in r] for i, r in enumerate(matrix)], cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            if matrix[i][j]:
+                ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i][j] / rows[i] > 0.5 else "black")
+    ax.set_xticks(range(n), [str(x) for x in labels], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), [str(x) for x in labels], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic.write_bytes(Path(path), buf.getvalue())
+    return Path(path)

@@ -47,6 +47,9 @@ def test_classification_exports_a_model_whose_pipeline_predicts_what_the_stage_r
     lineage = json.loads((final / "lineage.json").read_text())
     assert lineage["stage"] == "finetune" and lineage["parent"] == str(tiny_lm)
     assert lineage["data"]["examples"] == 96
+    assert [r["label"] for r in summary["per_class"]] == ["alpha", "beta", "gamma"]
+    assert sum(r["support"] for r in summary["per_class"]) == 24 and "per class (test):" in proc.stdout
+    assert (tmp_path / "run" / "plots" / "confusion.png").stat().st_size > 1000
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"val/accuracy", "val/macro_f1"} <= metrics[0].keys() and metrics[-1]["test/accuracy"] >= 0
 

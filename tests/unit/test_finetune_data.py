@@ -156,3 +156,14 @@ def test_the_config_refuses_contradictions_before_any_work(tmp_path):
     ok = FinetuneConfig(**base, task={"type": "sft"}, data={"train": "x.jsonl"})
     assert ok.data.train.path.name == "x.jsonl" and ok.train.epochs == 1
     assert json.loads(ok.model_dump_json())["task"]["truncation"] == "right"
+
+
+def test_a_hub_dataset_reads_through_datasets_and_a_missing_one_says_it_must_be_cached(tmp_path):
+    """`hf:` goes through `datasets.load_dataset` (a local dataset folder here: nothing may download)."""
+    folder = tmp_path / "my_dataset"
+    write_jsonl(folder / "train.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
+    rows = fd.read_split(SplitSource(hf=str(folder), split="train"))
+    assert [r for _, r in rows] == [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
+    assert rows[1][0] == f"{folder}:train row 1"
+    with pytest.raises(DataError, match="must be in the datasets cache already"):
+        fd.read_split(SplitSource(hf="no-such-org/no-such-dataset", split="train"))
