@@ -27,11 +27,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The chain on the built-in corpus, on CPU: tokenize, then pretrain the ~5 M-parameter demo model on
-# 2 ranks with ZeRO-2 (a few minutes). Rerunning skips what is finished.
+# The chain on the built-in corpus, on CPU: tokenize, pretrain the ~5 M-parameter demo model on 2 ranks
+# with ZeRO-2, then fine-tune it on both built-in tasks (minutes each). Rerunning skips what is finished.
 demo: setup
 	$(BIN)/lmforge tokenize configs/tokenize/demo.yaml
 	$(BIN)/torchrun --nproc_per_node=2 -m pretrain configs/pretrain/demo.yaml
+	$(BIN)/torchrun --nproc_per_node=2 -m finetune configs/finetune/demo.yaml
+	$(BIN)/torchrun --nproc_per_node=2 -m finetune configs/finetune/demo_sft.yaml
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -301,7 +301,7 @@ def loss_function(method: str):
     """The step's loss for `method`, as (model, x) -> loss, and its loss part over (hidden, weight, targets)."""
     import torch.nn.functional as F
 
-    from lmforge.loss import head_loss, lm_loss, token_loss
+    from lmforge.loss import head_loss, token_loss
 
     if method == "fused":
         return lm_loss_rows, head_loss
@@ -336,6 +336,7 @@ def train_step(model, optimizer, x, loss_fn) -> float:
 def loss_child(spec: dict) -> dict:
     """One method, in a fresh process (no torchrun): the loss part first, then the training step."""
     import torch
+
     from lmforge.loss import token_loss
     from lmforge.models import build_model
 
@@ -459,7 +460,7 @@ def measure_loss(work: Path, micro: int, seq: int, timeout: float) -> dict:
         print(f"[bench] loss {method:13s}: step peak {r['step_alloc_peak_bytes'] / 1e9:.2f} GB allocated, "
               f"{r['step_rss_peak_over_start_bytes'] / 1e9:.2f} GB RSS; head + loss {r['head_loss_alloc_peak_bytes'] / 1e9:.2f} GB;"
               f" ({r['step_seconds']:.0f} s step)", flush=True)
-    ce, fu = methods["cross_entropy"], methods["fused"]
+    ce = methods["cross_entropy"]
     keys = ("step_alloc_peak_bytes", "step_rss_peak_over_start_bytes", "head_loss_alloc_peak_bytes",
             "bf16_loss_alloc_peak_bytes")
     saving = {m: {k.removesuffix("_bytes"): None if r[k] is None else round(1 - r[k] / ce[k], 3) for k in keys}
