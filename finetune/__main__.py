@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         """Loss (and accuracy, macro-F1 or exact match) over a whole split; equal forwards on every rank."""
         classes = 0 if sft else len(labels)
         sums = torch.zeros(2 + classes * classes + 2, dtype=torch.float64, device=device)  # loss, count, confusion, EM
+        answers: dict[int, str] = {}  # SFT: this rank's greedy answers, by example
         engine.eval()
         with torch.no_grad():
             for ids, real in loop.eval_slices(len(ex), micro, d.rank, d.world):
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     if real:
                         sums[-2] += answer == ex.answers[ids[0]].strip()
                         sums[-1] += 1
+                        answers[ids[0]] = answer
         engine.train()
         sums = torch.tensor(eng.all_reduce_sum(sums.tolist(), device), dtype=torch.float64)
         out = {f"{prefix}/loss": float(sums[0] / sums[1])}
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             out[f"{prefix}/ppl"] = math.exp(min(out[f"{prefix}/loss"], 50))
             if sums[-1] > 0:
                 out[f"{prefix}/exact_match"] = float(sums[-2] / sums[-1])
+                gathered = {k: v for part in eng.gather_objects(answers) for k, v in part.items()}
+                out[f"{prefix}/answers"] = [gathered[i] for i in sorted(gathered)]  # summary.json: what was scored
         else:
             confusion = sums[2:2 + classes * classes].view(classes, classes)  # [truth, prediction]
             tp = confusion.diag()

@@ -279,6 +279,13 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank. A collective."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Configuration
 
@@ -629,8 +636,3 @@ def gathered(params):
     if not params:
         return contextlib.nullcontext()
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-
-
-def partitioned(param) -> bool:
-    """Whether ZeRO-3 partitions this parameter (its full weight exists only inside its module's forward)."""
-    return hasattr(param, "ds_id")

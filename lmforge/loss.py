@@ -63,7 +63,7 @@ def lm_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index:
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the transformers model
     head = module.get_output_embeddings()
     fused = (module.config.model_type in FUSED_HEAD_MODELS and isinstance(head, torch.nn.Linear)
-             and head.bias is None and not engine.partitioned(head.weight))
+             and head.bias is None and not engine.is_partitioned(head.weight))
     if not fused:
         return token_loss(model(input_ids=input_ids, use_cache=False).logits, targets, ignore_index, reduction)
     none = torch.zeros(0, dtype=torch.long, device=input_ids.device)

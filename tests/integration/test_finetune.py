@@ -72,6 +72,14 @@ def test_sft_saves_its_chat_template_and_learns_only_responses(tmp_path, tiny_lm
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["task"] == "sft" and 0 <= summary["test"]["test/exact_match"] <= 1
     assert summary["val"]["val/loss"] < summary["val_start"]["val/loss"]  # it learned something in 4 steps
+    # transformers' own pipeline, from final/ alone, answers the scored prompts as the stage did
+    from transformers import pipeline
+
+    generate = pipeline("text-generation", model=str(final))
+    prompts = [json.loads(x)["prompt"] for x in tasks_data["sft_test"].read_text().splitlines()[:4]]
+    mine = [generate([{"role": "user", "content": p}], max_new_tokens=6, do_sample=False)[0]["generated_text"][-1]
+            ["content"].strip() for p in prompts]
+    assert mine == summary["test"]["test/answers"] and len(mine) == 4 and all(mine)
 
 
 @pytest.mark.parametrize("problem, message", [
