@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # machine do not rebuild it for each other on every launch (~40 s of both cores each time)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test quick bench lint clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The tests not marked slow (no stage launches): a few minutes, for iterating; `make test` runs them all.
+quick: setup
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 # CPU benchmarks, one after another (each keeps both cores busy). bench/train.py measures throughput and the
 # ZeRO memory table; bench/memory.py the chunked loss and the ZeRO-3 start-up (~7 min, ~7 GB RSS). GPU figures
