@@ -586,11 +586,12 @@ def memory_table(report: dict) -> list[str]:
                      f"{max(r['build_seconds']):.1f} |")
     embedding = start["vocab_size"] * start["model"]["hidden_size"] * 4
     lines += ["", f"Target: {start['target']['target']}: {start['target']['measured']:.2f}x, {met(start['target'])}. "
-              f"A rank's own half is 0.50x; above it, the largest transient is the gather of the largest tensor for "
-              f"its initialisation (the embedding, {embedding / 1e6:.0f} MB: the gathered copy and gloo's all-gather "
-              "buffer), then the LM head built and then tied to the embedding (as in the whole build). With 2 ranks "
-              "on CPU the peak through `initialize` is DeepSpeed's own (its optimizer states): the same for both "
-              "builds. Building partitioned costs the gathers and broadcasts of the initialisation (build time "
+              f"A rank's own half is 0.50x; above it, the largest transient is the full tensor of the largest "
+              f"parameter while it is initialised (the embedding, {embedding / 1e6:.0f} MB): every rank draws the "
+              "same numbers into it and keeps its own partition (`engine.materialized`: no all-gather, no "
+              "broadcast), then the LM head built and then tied to the embedding (as in the whole build). With 2 "
+              "ranks on CPU the peak through `initialize` is DeepSpeed's own (its optimizer states): the same for "
+              "both builds. Building partitioned costs the per-module partitioning of `zero.Init` (build time "
               "above; 2 busy cores).",
               END]
     return lines

@@ -629,10 +629,28 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def gathered(params):
-    """The full values of the partitioned `params` inside (on every rank); on exit rank 0's values are
-    broadcast and partitioned again. Parameters that are not partitioned pass through."""
+@contextlib.contextmanager
+def materialized(params):
+    """The full tensors of the partitioned `params` inside, made by every rank alike with no communication:
+    each rank allocates them (NaN-filled) and on exit keeps its own partition of what was written
+    (DeepSpeed's own `param.partition`); a tensor left all NaN was not written and keeps its partition. Only
+    for code that writes the same values on every rank: initialisation drawing from generators in step.
+    Against `gathered`, no all-gather, no broadcast, and no gather buffer beside the full tensor."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
     params = [p for p in params if is_partitioned(p)]
-    if not params:
-        return contextlib.nullcontext()
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    for p in params:
+        p.data = torch.full(p.ds_shape, float("nan"), dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
+        p.ds_status = ZeroParamStatus.AVAILABLE
+    try:
+        yield
+    finally:
+        partial = []
+        for p in params:
+            unwritten = torch.isnan(p.data)
+            written = not bool(unwritten.all())
+            if written and bool(unwritten.any()):
+                partial.append(tuple(p.ds_shape))
+            p.partition(has_been_updated=written)
+        if partial:
+            raise EngineError(f"initialisation wrote only part of parameters of shapes {partial} (or wrote NaN)")

@@ -273,8 +273,9 @@ def _initialize_weights_gathered(self) -> None:
     """`PreTrainedModel.initialize_weights` (transformers 5) for a model being built partitioned: the same
     `_initialize_weights` calls on the same modules in the same order (its `smart_apply`: children first,
     a sub-model's own function over its subtree), each with the module's own and its direct children's
-    parameters gathered, which is what an `_init_weights` touches (GPT-2's scaled `c_proj`) and what
-    transformers' own ZeRO-3 init gathers. Every rank draws (the same numbers: the RNG stays in step)."""
+    parameters whole, which is what an `_init_weights` touches (GPT-2's scaled `c_proj`) and what
+    transformers' own ZeRO-3 init gathers. Every rank draws the same numbers (the RNG stays in step), so
+    each makes the full tensors itself and keeps its partition (`engine.materialized`): no communication."""
     from transformers import PreTrainedModel
     from transformers.initialization import guard_torch_init_functions
 
@@ -290,7 +291,7 @@ def _initialize_weights_gathered(self) -> None:
         params = list(module.parameters(recurse=False))
         params += [p for child in module.children() if not isinstance(child, PreTrainedModel)
                    for p in child.parameters(recurse=False)]
-        with engine.gathered(params):
+        with engine.materialized(params):  # every rank draws the same numbers: each keeps its partition
             fn(module, custom)
 
     with guard_torch_init_functions():
