@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     stepper, window = loop.Stepper(engine, accum), loop.Window(device)
     health = loop.Health(cfg.train.max_bad_steps, int(run.resume.record.get("skipped_steps", 0)) if run.resume else 0)
     started, start_tokens = time.perf_counter(), tokens_seen
+    real = padded = 0  # tokens of the examples, and what their micro-batches hold with padding (the log window)
     engine.train()
     while step < max_steps:
         eng.set_lr(engine, lr := lr_at(step, max_steps, cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps,
@@ -281,13 +282,18 @@ def main(argv: list[str] | None = None) -> int:
         step_tokens = sum(len(train.ids[i]) for i in step_items)
         # SFT: DeepSpeed averages over accum x world; summed losses times this give sum / the step's targets
         scale = accum * d.world / max(1, sum(train.target_tokens(i) for i in step_items)) if sft else 1.0
-        micro_batches = (fd.batch(train, [order.item_at(p) for p in
-                                          order.rank_positions(position, micro, accum, d.rank, d.world, m)], pad_id, sft)
+        # length-grouped: the step's examples sorted by length, micro-batch m of rank r takes slot m x W + r
+        # (the update is the same whichever slot an example lands in; the padding is much less)
+        by_length = sorted(step_items, key=lambda i: len(train.ids[i]))
+        micro_batches = (fd.batch(train, by_length[(m * d.world + d.rank) * micro:][:micro], pad_id, sft)
                          for m in range(accum))
+        padded += sum(micro * len(train.ids[by_length[min(k + micro, global_batch) - 1]])
+                      for k in range(0, global_batch, micro))  # every slot is as long as its longest example
         for x, y in loop.prefetch(micro_batches, device):
             stepper.backward(forward_loss(x, y, scale))
         step_loss, norm = stepper.result()
         step, position, tokens_seen = step + 1, position + global_batch, tokens_seen + step_tokens
+        real += step_tokens
         meter.step(step_tokens)
         logged: dict = {}
         if health.update(norm):
@@ -305,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             rate = meter.report()
             logged.update({"train/loss": window.reduce(), "train/lr": lr, "train/grad_norm": norm,
                            "train/tokens_per_s": rate["tokens_per_s"], "train/mfu": rate["mfu"],
-                           "train/epoch": position / len(train), **loop.memory(device)})
+                           "train/epoch": position / len(train), "train/padding": 1 - real / max(padded, 1),
+                           **loop.memory(device)})
+            real = padded = 0
             run.say(loop.status(step, max_steps, logged, duration((max_steps - step) * rate["step_seconds"])))
         if step % cfg.train.eval_every == 0 or step == max_steps:
             last_eval = evaluate(val, "val")
