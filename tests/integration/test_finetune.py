@@ -145,3 +145,12 @@ def test_lora_exports_the_merged_model_and_an_adapter_that_gives_the_same_logits
         with adapted.disable_adapter():  # the adapter changed the model: without it the logits differ
             assert not torch.allclose(adapted(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-4)
     assert "LoRA" in (final / "README.md").read_text()
+
+
+def test_dry_run_prints_the_resolved_config_and_sizes_and_writes_nothing(tmp_path, tiny_lm, tasks_data):
+    cfg = finetune_config(tmp_path / "c.yaml", tiny_lm, tmp_path / "run", "classification", tasks_data)
+    proc = launch("finetune", cfg, "train.max_steps=7", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "max_steps: 7" in proc.stdout and '"zero_optimization"' in proc.stdout
+    assert "# parameters:" in proc.stdout and "96 train / 24 validation / 24 test examples, 3 labels" in proc.stdout
+    assert not (tmp_path / "run").exists()
