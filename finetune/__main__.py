@@ -45,7 +45,7 @@ from lmforge.models import (
     human,
     merge_lora,
 )
-from lmforge.run import LEASE_LOST, Plan, Run, RunError, catch_signals, fail, rank_seed
+from lmforge.run import Plan, Run, RunError, catch_signals, fail, rank_seed
 from lmforge.schedule import lr_at, schedule_change
 from lmforge.throughput import Meter, device_peak, duration
 from lmforge.tokenizer import folder_hash
@@ -260,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     retention = ckpt.Retention(cfg.train.keep_last, cfg.train.keep_every, (max_steps,))
     save_seconds: list[float] = []
 
+    def save() -> None:
+        save_seconds.append(ckpt.save(engine, run.checkpoints, step, d, record(step), retention, run.say, run.owns))
+        meter.reset()  # a save is not training throughput
+
     # -- the loop ----------------------------------------------------------------------------------------
     last_eval: dict = {}
     tested: dict = {}
@@ -296,16 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         real += step_tokens
         meter.step(step_tokens)
         logged: dict = {}
-        if health.update(norm):
-            logged["train/skipped_steps"] = health.skipped
-            run.say(f"step {step}: non-finite gradient norm ({norm}); update skipped on all ranks "
-                    f"({health.streak} in a row, {health.skipped} in all)")
-            if health.exhausted:
-                run.say(health.abort_message(), file=sys.stderr)
-                tracker.log(step, logged)
-                tracker.finish(exit_code=1)
-                return run.close(1)
-        else:
+        verdict = health.check(norm, step, logged, run.say)
+        if verdict == "abort":
+            tracker.log(step, logged)
+            tracker.finish(exit_code=1)
+            return run.close(1)
+        if verdict == "ok":
             window.add(step_loss)
         if step % cfg.train.log_every == 0 or step == max_steps:
             rate = meter.report()
@@ -326,26 +326,10 @@ def main(argv: list[str] | None = None) -> int:
             meter.reset()
         if logged:
             tracker.log(step, logged)
-        stop = run.should_stop(cfg.train.max_time) if step < max_steps else 0
-        if stop == LEASE_LOST:
-            run.say(f"error: {run.stop_reason(stop)}; stopping without saving", file=sys.stderr)
-            tracker.finish(exit_code=1)
-            return run.close(1)
-        if step % cfg.train.save_every == 0 or step == max_steps or stop:
-            try:
-                save_seconds.append(ckpt.save(engine, run.checkpoints, step, d, record(step), retention, run.say,
-                                              run.owns))
-            except ckpt.CheckpointError as e:
-                tracker.finish(exit_code=1)
-                return run.close(fail(PROG, e, code=1))
-            meter.reset()
-            if not stop and step < max_steps:  # a signal during the save: stop now
-                stop = run.should_stop(cfg.train.max_time)
-                stop = 0 if stop == LEASE_LOST else stop
-        if stop:
-            run.say(f"{run.stop_reason(stop)}: checkpoint saved at step {step}; rerun the same command to resume")
-            tracker.finish()
-            return run.close(0)
+        code = run.save_or_stop(step, step % cfg.train.save_every == 0, step == max_steps, save, tracker,
+                                cfg.train.max_time, PROG)
+        if code is not None:
+            return code
 
     # -- export: RUN_DIR/final, checked against the engine's own logits -------------------------------------
     elapsed = time.perf_counter() - started

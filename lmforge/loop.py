@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -73,6 +74,19 @@ class Health:
     @property
     def exhausted(self) -> bool:
         return self.streak >= self.max_bad
+
+    def check(self, norm: float | None, step: int, logged: dict, say) -> str:
+        """After a step: "ok" (count its loss), "skipped" (non-finite norm: no update on any rank; said and
+        logged), or "abort" (train.max_bad_steps in a row: said on stderr; the stage stops unsaved)."""
+        if not self.update(norm):
+            return "ok"
+        logged["train/skipped_steps"] = self.skipped
+        say(f"step {step}: non-finite gradient norm ({norm}); update skipped on all ranks "
+            f"({self.streak} in a row, {self.skipped} in all)")
+        if self.exhausted:
+            say(self.abort_message(), file=sys.stderr)
+            return "abort"
+        return "skipped"
 
     def abort_message(self) -> str:
         return (f"error: {self.streak} consecutive steps with a non-finite loss or gradient (train.max_bad_steps); "

@@ -324,6 +324,34 @@ class Run:
         flag = max([flag, *self.signals])
         return int(_engine().all_reduce_max(float(flag), self.dist.device))
 
+    def save_or_stop(self, step: int, due: bool, last: bool, save, tracker, max_time: float | None, prog: str
+                     ) -> int | None:
+        """The end of a step: the stop agreement (signals, max_time, a dead launcher, a lost lease; one
+        collective) and `save()` when `due`, at the `last` step, or to stop. Returns None to train on, else the
+        stage's exit status: 0 after the save a stop asked for, 1 when the lease was lost (no save: the run
+        folder is another launch's now) or the save failed. A signal during the save stops right after it."""
+        from lmforge.checkpoint import CheckpointError
+
+        stop = 0 if last else self.should_stop(max_time)
+        if stop == LEASE_LOST:
+            self.say(f"error: {self.stop_reason(stop)}; stopping without saving", file=sys.stderr)
+            tracker.finish(exit_code=1)
+            return self.close(1)
+        if due or last or stop:
+            try:
+                save()
+            except CheckpointError as e:  # non-finite weights, or the run folder is someone else's now
+                tracker.finish(exit_code=1)
+                return self.close(fail(prog, e, code=1))
+            if not stop and not last:  # a signal during the save: stop now, not after another step and save
+                stop = self.should_stop(max_time)
+                stop = 0 if stop == LEASE_LOST else stop  # a lost lease stops at the next step, unsaved
+        if stop:
+            self.say(f"{self.stop_reason(stop)}: checkpoint saved at step {step}; rerun the same command to resume")
+            tracker.finish()
+            return self.close(0)
+        return None
+
     @staticmethod
     def stop_reason(code: int) -> str:
         return {OUT_OF_TIME: "train.max_time reached", ORPHANED: "the launcher is gone",

@@ -30,7 +30,7 @@ from lmforge.config.pretrain import PretrainConfig
 from lmforge.data.sampler import WindowSampler, eval_windows
 from lmforge.data.shards import ShardError, TokenShards, read_meta, split_digest
 from lmforge.models import ModelError, build, describe, human, model_config
-from lmforge.run import LEASE_LOST, Plan, Run, RunError, catch_signals, fail, rank_seed
+from lmforge.run import Plan, Run, RunError, catch_signals, fail, rank_seed
 from lmforge.schedule import lr_at, schedule_change
 from lmforge.throughput import Meter, device_peak, duration
 from lmforge.tokenizer import pad_token_id
@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     retention = ckpt.Retention(cfg.train.keep_last, cfg.train.keep_every, (cfg.train.max_steps,))
     save_seconds: list[float] = []  # wall time of each save (all ranks, commit included)
 
+    def save() -> None:
+        save_seconds.append(ckpt.save(engine, run.checkpoints, step, d, record(step), retention, run.say, run.owns))
+        meter.reset()  # a save is not training throughput
+
     # -- the loop ------------------------------------------------------------------------------------
     last_eval: dict = {}
     first_eval = None
@@ -194,16 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         step, position, tokens_seen = step + 1, position + global_batch, tokens_seen + tokens_per_step
         meter.step()
         logged: dict = {}  # this step's metrics, sent once: training and validation together
-        if health.update(norm):
-            logged["train/skipped_steps"] = health.skipped
-            run.say(f"step {step}: non-finite gradient norm ({norm}); update skipped on all ranks "
-                    f"({health.streak} in a row, {health.skipped} in all)")
-            if health.exhausted:
-                run.say(health.abort_message(), file=sys.stderr)
-                tracker.log(step, logged)
-                tracker.finish(exit_code=1)
-                return run.close(1)
-        else:
+        verdict = health.check(norm, step, logged, run.say)
+        if verdict == "abort":
+            tracker.log(step, logged)
+            tracker.finish(exit_code=1)
+            return run.close(1)
+        if verdict == "ok":
             window.add(step_loss)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             rate = meter.report()
@@ -224,26 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             meter.reset()  # evaluation time is not training throughput
         if logged:
             tracker.log(step, logged)
-        stop = run.should_stop(cfg.train.max_time) if step < cfg.train.max_steps else 0
-        if stop == LEASE_LOST:
-            run.say(f"error: {run.stop_reason(stop)}; stopping without saving", file=sys.stderr)
-            tracker.finish(exit_code=1)
-            return run.close(1)
-        if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or stop:
-            try:
-                save_seconds.append(ckpt.save(engine, run.checkpoints, step, d, record(step), retention, run.say,
-                                              run.owns))
-            except ckpt.CheckpointError as e:  # non-finite weights, or the run folder is someone else's now
-                tracker.finish(exit_code=1)
-                return run.close(fail(PROG, e, code=1))
-            meter.reset()
-            if not stop and step < cfg.train.max_steps:  # a signal during the save: stop now, not after another
-                stop = run.should_stop(cfg.train.max_time)
-                stop = 0 if stop == LEASE_LOST else stop  # a lost lease stops at the next step, unsaved
-        if stop:
-            run.say(f"{run.stop_reason(stop)}: checkpoint saved at step {step}; rerun the same command to resume")
-            tracker.finish()
-            return run.close(0)
+        code = run.save_or_stop(step, step % cfg.train.save_every == 0, step == cfg.train.max_steps, save, tracker,
+                                cfg.train.max_time, PROG)
+        if code is not None:
+            return code
 
     # -- export: RUN_DIR/final, checked against the engine's own logits ---------------------------
     elapsed = time.perf_counter() - started
