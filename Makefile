@@ -49,6 +49,7 @@ bench: setup
 	$(BIN)/python bench/tokenize.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/reliability.py
 
 lint: setup
