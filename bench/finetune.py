@@ -555,7 +555,7 @@ def main() -> int:
         "config": {"steps": args.steps, "lora": LORA, "lora_lr": args.lora_lr, "exact_match_examples": args.exact_match,
                    "random_init_seed": RANDOM_SEED, "pretrained": str(pretrained),
                    "pretrain": None if pretrain_summary is None else
-                   {k: pretrain_summary.get(k) for k in ("steps", "tokens", "val", "seconds") if k in pretrain_summary},
+                   {k: pretrain_summary.get(k) for k in ("steps", "tokens", "val_loss", "seconds") if k in pretrain_summary},
                    "finetune_configs": resolved,
                    "throughput": {"steps": args.throughput_steps, "warmup_steps_skipped": args.warmup,
                                   "rounds": args.rounds, "micro_batch_size": micro, "grad_accum": accum,
@@ -631,7 +631,7 @@ def write_table(report: dict, path: Path) -> None:
         f"**Pretrained vs random init** (same architecture, config, steps and examples). *Pretrained*: the demo "
         f"pretraining run's `final/` (`configs/pretrain/demo.yaml`: the 5.0M-parameter `demo` Llama, "
         f"{pre.get('steps', '?')} steps, {pre.get('tokens', 0) / 1e6:.1f}M tokens of the built-in corpus, val loss "
-        f"{(pre.get('val') or {}).get('val/loss', float('nan')):.3f}); *random init*: its `config.json` with fresh "
+        f"{pre.get('val_loss', float('nan')):.3f}); *random init*: its `config.json` with fresh "
         f"weights (`AutoModelForCausalLM.from_config` after `torch.manual_seed({c['random_init_seed']})`). Both "
         f"fine-tuned in full for {c['steps']} steps with `configs/finetune/demo.yaml` (classification: a stdlib "
         f"docstring -> one of {len(th['labels'])} top-level packages, max {fc['task']['max_length']} tokens) and "
