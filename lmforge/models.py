@@ -26,10 +26,13 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int | None = None, pad_
     common = dict(vocab_size=vocab_size, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
                   bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True)
     if cfg.family == "gpt2":
+        # gelu_pytorch_tanh is GPT-2's gelu_new (the same tanh approximation, within 5e-7) in one kernel:
+        # gelu_new's Python formula keeps three more [tokens, 4 x hidden] fp32 tensors per layer for backward
+        # (~1.8 GB of a 124M step at 4 x 1,024 tokens); config.json names it, so transformers loads it as is
         return GPT2Config(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
                           n_inner=cfg.mlp_size, n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
                           resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-                          activation_function="gelu_new", **common)
+                          activation_function="gelu_pytorch_tanh", **common)
     return LlamaConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
                        intermediate_size=cfg.mlp_size, max_position_embeddings=cfg.max_seq_len,

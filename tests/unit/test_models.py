@@ -39,6 +39,26 @@ def test_built_model_is_the_transformers_class_with_sdpa_and_gqa():
     assert type(gpt2).__name__ == "GPT2LMHeadModel" and gpt2.config.n_positions == 128
 
 
+def test_gpt2_computes_gelu_new_in_one_kernel_and_keeps_less_for_backward():
+    """GPT-2's MLP activation is gelu_new's function in torch's fused kernel: the same outputs (5e-7), and the
+    activation keeps a third (or less) of what gelu_new's Python formula keeps for backward."""
+    from transformers.activations import ACT2FN
+
+    gpt2 = build_model(ModelConfig(**VARIANTS[2]), vocab_size=300)
+    assert gpt2.config.activation_function == "gelu_pytorch_tanh"
+    x = torch.randn(2, 16, 4 * 64, generator=torch.Generator().manual_seed(0)) * 3
+    assert torch.allclose(ACT2FN["gelu_new"](x), gpt2.transformer.h[0].mlp.act(x), atol=5e-7, rtol=0)
+
+    def saved(act) -> int:  # bytes autograd keeps for backward of act(x), x itself included once
+        kept = {}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (kept.setdefault(t.data_ptr(), t.nbytes), t)[1],
+                                                      lambda t: t):
+            act(x.clone().requires_grad_(True)).sum()
+        return sum(kept.values())
+
+    assert saved(gpt2.transformer.h[0].mlp.act) * 3 <= saved(ACT2FN["gelu_new"])
+
+
 def test_flops_per_token_is_6n_plus_attention():
     cfg = ModelConfig(family="llama", hidden_size=128, num_layers=4, num_heads=4)
     n = num_params(cfg, 1000)["matmul"]
