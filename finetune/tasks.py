@@ -3,7 +3,8 @@
     python -m finetune.tasks stdlib-docstring-package OUT_DIR   # writes train/validation/test.jsonl + meta.json
 
 - `stdlib-docstring-package` (classification): a function's or class's docstring -> the top-level stdlib
-  package its file belongs to (`json`, `email`, `test`, ...), the `top_packages` most frequent as classes.
+  package its file belongs to (`email`, `asyncio`, `test`, ...): the `top_packages` most frequent packages that
+  have docstrings in train, validation and test are the classes (a package split into train only is never scored).
 - `stdlib-docstring-name` (SFT): a public function's docstring -> the function's name (exact match).
 
 Deterministic for a given interpreter. Split by source file, with the rule tokenization uses for its
@@ -26,7 +27,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from lmforge import atomic
-from lmforge.data.sources import doc_hash, hash_fraction, stdlib_files
+from lmforge.data.sources import DataError, doc_hash, hash_fraction, stdlib_files
 
 TASKS = ("stdlib-docstring-package", "stdlib-docstring-name")
 SPLITS = ("train", "validation", "test")
@@ -79,16 +80,26 @@ def build(task: str, top_packages: int = 16, holdout: float = 0.1, exclude_tests
         if len(files_of[d["doc"]]) == 1 and d["doc"] not in seen:
             seen.add(d["doc"])
             unique.append(d)
-    split_of = {}
+    split_of = {d["file"]: file_split(d["text"], holdout) for d in unique}
     out: dict = {s: [] for s in SPLITS}
     if task == "stdlib-docstring-package":
-        counts = Counter(d["package"] for d in unique)
+        # Only a package with examples in every split is a class: most packages are one module or a few files,
+        # so a file-level split puts all of them in train, and a class that is never scored only distracts.
+        splits_of = defaultdict(set)
+        for d in unique:
+            splits_of[d["package"]].add(split_of[d["file"]])
+        counts = Counter(d["package"] for d in unique if splits_of[d["package"]] == set(SPLITS))
         labels = sorted(p for p, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_packages])
+        if len(labels) < 2:
+            raise DataError(
+                f"stdlib-docstring-package: only {len(labels)} stdlib package(s) of this interpreter have docstrings in "
+                f"train, validation and test with holdout {holdout}; raise data.holdout (and the pretraining "
+                "split.val_fraction with it) or use your own data")
         keep = set(labels)
         unique = [d for d in unique if d["package"] in keep]
         out["labels"] = labels
     for d in unique:
-        split = split_of.setdefault(d["file"], file_split(d["text"], holdout))
+        split = split_of[d["file"]]
         if task == "stdlib-docstring-package":
             out[split].append({"text": d["doc"], "label": d["package"], "source": d["file"]})
         else:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from finetune import tasks
-from lmforge.data.sources import doc_hash, hash_fraction
+from lmforge.data.sources import DataError, doc_hash, hash_fraction
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # parses every stdlib file (~10 s per task)
@@ -40,9 +40,14 @@ def test_each_file_lands_in_one_split_and_held_out_files_are_pretraining_validat
 
 def test_the_classification_task_has_the_top_packages_and_no_ambiguous_docstring(built):
     data = built["stdlib-docstring-package"]
-    assert len(data["labels"]) == 16 and data["labels"] == sorted(data["labels"])
+    assert 2 <= len(data["labels"]) <= 16 and data["labels"] == sorted(data["labels"])
+    for split in tasks.SPLITS:  # every class is scored: a package in train only is not a class
+        assert {e["label"] for e in data[split]} == set(data["labels"]), split
     every = [e for s in tasks.SPLITS for e in data[s]]
-    assert {e["label"] for e in every} == set(data["labels"])
+    fewer = tasks.build("stdlib-docstring-package", top_packages=2, holdout=0.1)
+    assert fewer["labels"] == sorted(sorted(data["labels"], key=lambda p: -sum(e["label"] == p for e in every))[:2])
+    with pytest.raises(DataError, match="raise data.holdout"):  # too few held-out files: a clear error
+        tasks.build("stdlib-docstring-package", holdout=0.002)
     docs = Counter(e["text"] for e in every)
     assert max(docs.values()) == 1  # a docstring in two files (an ambiguous label) is dropped
     assert all(e["label"] == Path(e["source"]).parts[0].removesuffix(".py") for e in every[:500])
