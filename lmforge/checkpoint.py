@@ -194,7 +194,7 @@ def remove_incomplete(root: Path) -> list[Path]:
 # Fault injection (tests): LMFORGE_FAULT="POINT:STEP:RANK" SIGKILLs that rank when it reaches POINT
 # while saving step STEP ("nan-loss" turns that rank's loss into NaN in the training loop; "export-slow"
 # and "export-drift" delay or corrupt rank 0's final export; "load-vanish:STEP:0" deletes the checkpoint
-# of step STEP after the resume chose it, before it is loaded).
+# of step STEP after the resume chose it, before it is loaded; "load-fail:STEP:RANK" fails that rank's load of it).
 # The save points, in the order a save passes them:
 FAULT_POINTS = ("save-begin", "save-mid-shards", "save-shards", "save-rng", "save-commit", "save-committed",
                 "save-pruned")

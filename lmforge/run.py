@@ -275,16 +275,26 @@ class Run:
             if self.dist.is_main:
                 shutil.rmtree(path)
             _engine().barrier()
+        problem = None
         try:
+            if ckpt.fault_requested("load-fail", self.resume.step, self.dist.rank):  # tests: one rank's read fails
+                raise OSError(f"injected read failure in {path}")
             _engine().load_checkpoint(engine, self.checkpoints, tag)
             if tag != self.resume.tag:
                 _engine().fix_zero3_universal_load(engine, path)
         except Exception as e:
             if not (path / ckpt.RECORD).is_file():  # pruned or deleted under us: say so, not a bare assert
-                self.close(2)
-                raise RunError(f"{path} disappeared while it was being loaded ({type(e).__name__}); another "
-                               "launch is pruning this run folder? Make sure only one job uses it, then rerun") from None
-            raise
+                problem = (f"{path} disappeared while it was being loaded ({type(e).__name__}); another launch is "
+                           "pruning this run folder? Make sure only one job uses it, then rerun")
+            else:  # one node's late or damaged view of a file
+                problem = (f"rank {self.dist.rank} could not load {path}: {type(e).__name__}: {e}. If the file is "
+                           "damaged, move this checkpoint out of checkpoints/ and rerun: the resume takes the one before")
+        # One collective, so that a rank failing alone stops every rank now, not after engine.collective_timeout
+        # in the next collective (a load that fails inside one of DeepSpeed's own collectives still waits there).
+        problems = [p for p in _engine().gather_objects(problem) if p]
+        if problems:
+            self.close(2)
+            raise RunError(problems[0])
         saved = _engine().broadcast_object(ckpt.rng_ranks(path) if self.dist.is_main else None)
         if not ckpt.load_rng(path, self.dist.rank, saved):  # a rank the saving run did not have
             import torch

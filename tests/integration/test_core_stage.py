@@ -207,3 +207,18 @@ def test_a_checkpoint_deleted_after_the_resume_chose_it_gives_a_clear_error(tmp_
     newest = sorted((tmp_path / "run" / "lease").glob("*.json"))[-1]
     assert json.loads(newest.read_text()).get("released") is True  # the next launch need not wait for a TTL
     assert not (tmp_path / "run" / "checkpoints" / "step-4").exists()
+
+
+def test_a_load_failing_on_one_rank_stops_every_rank_at_once(tmp_path, tiny_data):
+    """One node's read of the checkpoint fails (a late or damaged view): every rank exits 2 with that
+    rank's error within seconds, instead of the others waiting out engine.collective_timeout."""
+    cfg = pretrain_config(tmp_path / "p.yaml", tiny_data, tmp_path / "run",
+                          train={"max_steps": 2, "log_every": 1, "eval_every": 2, "save_every": 2})
+    assert launch("pretrain", cfg, nproc=2).returncode == 0
+    began = time.monotonic()
+    proc = launch("pretrain", cfg, "train.max_steps=4", "engine.collective_timeout=600", nproc=2,
+                  env={"LMFORGE_FAULT": "load-fail:2:1"})
+    assert proc.returncode != 0 and time.monotonic() - began < 300, proc.stderr[-3000:]
+    assert "rank 1 could not load" in proc.stderr and "injected read failure" in proc.stderr, proc.stderr[-3000:]
+    assert not re.search(r'File ".*/(lmforge|pretrain|deepspeed)/', proc.stderr), proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints" / "step-4").exists()
