@@ -387,6 +387,8 @@ def config_digest(hf_config) -> str:
 
     d = {k: v for k, v in hf_config.to_dict().items()
          if k not in ("transformers_version", "dtype", "torch_dtype", "architectures", "_name_or_path", "use_cache")}
+    if d.get("activation_function") == "gelu_new":  # one function, two kernels: GPT-2 runs begun before lmforge
+        d["activation_function"] = "gelu_pytorch_tanh"  # built with gelu_pytorch_tanh still resume
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

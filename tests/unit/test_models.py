@@ -57,6 +57,12 @@ def test_gpt2_computes_gelu_new_in_one_kernel_and_keeps_less_for_backward():
         return sum(kept.values())
 
     assert saved(gpt2.transformer.h[0].mlp.act) * 3 <= saved(ACT2FN["gelu_new"])
+    # a GPT-2 run begun with gelu_new (lmforge before this switch) still resumes: the same model to the digest
+    from lmforge.checkpoint import config_digest
+
+    old = gpt2.config.__class__.from_dict({**gpt2.config.to_dict(), "activation_function": "gelu_new"})
+    assert config_digest(old) == config_digest(gpt2.config)
+    assert config_digest(old) != config_digest(old.__class__.from_dict({**old.to_dict(), "activation_function": "relu"}))
 
 
 def test_flops_per_token_is_6n_plus_attention():
