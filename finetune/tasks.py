@@ -104,7 +104,7 @@ def build(task: str, top_packages: int = 16, holdout: float = 0.1, exclude_tests
             out[split].append({"text": d["doc"], "label": d["package"], "source": d["file"]})
         else:
             out[split].append({"prompt": d["doc"], "response": d["name"], "source": d["file"]})
-    out["held_out_files"] = sorted(f for f, s in split_of.items() if s != "train")
+    out["held_out_files"] = sorted({e["source"] for s in ("validation", "test") for e in out[s]})
     return out
 
 

@@ -194,7 +194,7 @@ def remove_incomplete(root: Path) -> list[Path]:
 # Fault injection (tests): LMFORGE_FAULT="POINT:STEP:RANK" SIGKILLs that rank when it reaches POINT
 # while saving step STEP ("nan-loss" turns that rank's loss into NaN in the training loop; "export-slow"
 # and "export-drift" delay or corrupt rank 0's final export; "load-vanish:STEP:0" deletes the checkpoint
-# of step STEP after the resume chose it, before it is loaded; "load-fail:STEP:RANK" fails that rank's load of it).
+# of step STEP after the resume chose it, before it is loaded; "load-fail:STEP:RANK" makes that rank's files of it unreadable).
 # The save points, in the order a save passes them:
 FAULT_POINTS = ("save-begin", "save-mid-shards", "save-shards", "save-rng", "save-commit", "save-committed",
                 "save-pruned")
@@ -206,6 +206,29 @@ def fault_requested(point: str, step: int, rank: int) -> bool:
     if len(spec) != 3 or spec[0] != point or spec[2] != str(rank):
         return False
     return step >= int(spec[1][:-1]) if spec[1].endswith("+") else step == int(spec[1])
+
+
+def unreadable(folder: Path, rank: int, step: int, zero_stage: int | None) -> str | None:
+    """Why this rank cannot read its own files of the DeepSpeed checkpoint in `folder` (None: it can): the
+    model states it loads and its ZeRO partition, each opened and a byte read (2-3 opens, no listing).
+    Checked before DeepSpeed's load, whose own collectives a rank failing alone would leave unmatched."""
+    model = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if zero_stage == 3 else "mp_rank_00_model_states.pt"
+    optim = (f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    try:
+        if fault_requested("load-fail", step, rank):  # tests: this rank's view of the checkpoint is broken
+            raise OSError(f"injected read failure in {folder}")
+        for name, required in ((model, True), *((n, False) for n in optim)):
+            try:
+                with open(folder / name, "rb") as f:
+                    f.read(1)
+            except FileNotFoundError:
+                if required:
+                    raise
+    except OSError as e:
+        return (f"rank {rank} cannot read the checkpoint {folder}: {type(e).__name__}: {e}. If this node sees the "
+                "filesystem late, rerun; if the file is damaged, move this checkpoint out of checkpoints/ and rerun: "
+                "the resume takes the one before")
+    return None
 
 
 def fault(point: str, step: int, rank: int) -> None:
@@ -387,9 +410,21 @@ def config_digest(hf_config) -> str:
 
     d = {k: v for k, v in hf_config.to_dict().items()
          if k not in ("transformers_version", "dtype", "torch_dtype", "architectures", "_name_or_path", "use_cache")}
-    if d.get("activation_function") == "gelu_new":  # one function, two kernels: GPT-2 runs begun before lmforge
-        d["activation_function"] = "gelu_pytorch_tanh"  # built with gelu_pytorch_tanh still resume
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# One function under two names (GPT-2's gelu_new formula, torch's fused kernel): lmforge built GPT-2 with gelu_new
+# before, so a checkpoint recorded under the other name is the same model.
+SAME_ACTIVATION = {"gelu_new": "gelu_pytorch_tanh", "gelu_pytorch_tanh": "gelu_new"}
+
+
+def config_digests(hf_config) -> tuple[str, ...]:
+    """`config_digest(hf_config)` first, then the digest of the same model under another activation name."""
+    digests = [config_digest(hf_config)]
+    other = SAME_ACTIVATION.get(getattr(hf_config, "activation_function", None))
+    if other:
+        digests.append(config_digest(hf_config.__class__.from_dict({**hf_config.to_dict(), "activation_function": other})))
+    return tuple(digests)
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

@@ -16,10 +16,12 @@ must not split the ranks. Only one launch works on a run folder at a time (`lmfo
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +60,10 @@ def catch_signals() -> list[int]:
 
 class RunError(Exception):
     """A launch that must not go on (the folder is busy, a checkpoint does not fit); exit status 2."""
+
+
+class AnyOf(tuple):
+    """A resume check's value that accepts a saved value equal to any of these (this launch's own first)."""
 
 
 @dataclass(frozen=True)
@@ -112,10 +118,10 @@ class Plan:
 
     def resume_checks(self, hf_config, seed: int) -> dict[str, tuple[object, str]]:
         """What every training stage's checkpoint must share with this launch (see `Run.check_resume`)."""
-        from lmforge.checkpoint import config_digest
+        from lmforge.checkpoint import config_digests
 
         return {
-            "model_digest": (config_digest(hf_config), "was saved by a different model config; use a new run_dir, "
+            "model_digest": (AnyOf(config_digests(hf_config)), "was saved by a different model config; use a new run_dir, "
                              "or restore the model it was trained with (see its config.yaml)"),
             "seed": (seed, "used another train.seed, which sets the data order (a new one would repeat and skip "
                      "examples); restore it"),
@@ -196,8 +202,9 @@ class Run:
                            "resume it with that version, or start a new run_dir (`lmforge export` still reads it)")
         for key, (want, why) in expected.items():
             have = self.resume.record.get(key)
-            if have != want:
+            if (have not in want) if isinstance(want, AnyOf) else (have != want):
                 self.close(2)
+                want = want[0] if isinstance(want, AnyOf) else want
                 raise RunError(f"{self.resume.path} {why} ({key}: saved {have!r}, this launch {want!r})")
 
     def on_main(self, fn, errors: tuple[type[Exception], ...] = (Exception,)):
@@ -275,32 +282,43 @@ class Run:
             if self.dist.is_main:
                 shutil.rmtree(path)
             _engine().barrier()
+        vanished = (f"{path} disappeared while it was being loaded; another launch is pruning this run folder? "
+                    "Make sure only one job uses it, then rerun")
+        if tag == self.resume.tag:  # (a universal copy is rank 0's own conversion, read just after it)
+            problem = ckpt.unreadable(path, self.dist.rank, self.resume.step, self.resume.record.get("zero_stage"))
+            self._agree(vanished if problem and not os.path.isfile(path / ckpt.RECORD) else problem)
         problem = None
         try:
-            if ckpt.fault_requested("load-fail", self.resume.step, self.dist.rank):  # tests: one rank's read fails
-                raise OSError(f"injected read failure in {path}")
             _engine().load_checkpoint(engine, self.checkpoints, tag)
             if tag != self.resume.tag:
                 _engine().fix_zero3_universal_load(engine, path)
         except Exception as e:
-            if not (path / ckpt.RECORD).is_file():  # pruned or deleted under us: say so, not a bare assert
-                problem = (f"{path} disappeared while it was being loaded ({type(e).__name__}); another launch is "
-                           "pruning this run folder? Make sure only one job uses it, then rerun")
-            else:  # one node's late or damaged view of a file
-                problem = (f"rank {self.dist.rank} could not load {path}: {type(e).__name__}: {e}. If the file is "
-                           "damaged, move this checkpoint out of checkpoints/ and rerun: the resume takes the one before")
-        # One collective, so that a rank failing alone stops every rank now, not after engine.collective_timeout
-        # in the next collective (a load that fails inside one of DeepSpeed's own collectives still waits there).
-        problems = [p for p in _engine().gather_objects(problem) if p]
-        if problems:
-            self.close(2)
-            raise RunError(problems[0])
+            if not os.path.isfile(path / ckpt.RECORD):  # pruned or deleted under us: say so, not a bare assert
+                problem = vanished
+            elif isinstance(e, (OSError, EOFError, pickle.UnpicklingError)):  # a late or damaged view of a file
+                problem = (f"rank {self.dist.rank} could not load {path}: {type(e).__name__}: {str(e)[:300]}. If the "
+                           "file is damaged, move this checkpoint out of checkpoints/ and rerun: the resume takes the "
+                           "one before")
+            else:  # not the files: a bug here or in DeepSpeed; this rank's traceback says where
+                traceback.print_exc()
+                problem = (f"rank {self.dist.rank} failed loading {path}: {type(e).__name__}: {str(e)[:300]} (its "
+                           "traceback is in that rank's output)")
+        self._agree(problem)
         saved = _engine().broadcast_object(ckpt.rng_ranks(path) if self.dist.is_main else None)
         if not ckpt.load_rng(path, self.dist.rank, saved):  # a rank the saving run did not have
             import torch
 
             torch.manual_seed(rank_seed(seed, self.dist.rank, self.resume.step))
         return self.resume.record, time.perf_counter() - began
+
+    def _agree(self, problem: str | None) -> None:
+        """One collective over every rank's problem (None: none): a rank failing alone stops every rank now,
+        with its reason, instead of leaving them in the next collective until engine.collective_timeout."""
+        problems = [p for p in _engine().gather_objects(problem) if p]
+        if problems:
+            self.close(2)
+            more = f" ({len(problems) - 1} more rank(s) failed too)" if len(problems) > 1 else ""
+            raise RunError(problems[0] + more)
 
     # -- stopping -----------------------------------------------------------------------------------
 

@@ -210,8 +210,9 @@ def test_a_checkpoint_deleted_after_the_resume_chose_it_gives_a_clear_error(tmp_
 
 
 def test_a_load_failing_on_one_rank_stops_every_rank_at_once(tmp_path, tiny_data):
-    """One node's read of the checkpoint fails (a late or damaged view): every rank exits 2 with that
-    rank's error within seconds, instead of the others waiting out engine.collective_timeout."""
+    """One node's read of the checkpoint fails (a late or damaged view): the ranks agree before DeepSpeed's
+    load, and the run stops with that rank's error (from rank 0) and releases the lease, instead of the
+    others waiting out engine.collective_timeout."""
     cfg = pretrain_config(tmp_path / "p.yaml", tiny_data, tmp_path / "run",
                           train={"max_steps": 2, "log_every": 1, "eval_every": 2, "save_every": 2})
     assert launch("pretrain", cfg, nproc=2).returncode == 0
@@ -219,6 +220,9 @@ def test_a_load_failing_on_one_rank_stops_every_rank_at_once(tmp_path, tiny_data
     proc = launch("pretrain", cfg, "train.max_steps=4", "engine.collective_timeout=600", nproc=2,
                   env={"LMFORGE_FAULT": "load-fail:2:1"})
     assert proc.returncode != 0 and time.monotonic() - began < 300, proc.stderr[-3000:]
-    assert "rank 1 could not load" in proc.stderr and "injected read failure" in proc.stderr, proc.stderr[-3000:]
+    assert "rank 1 cannot read the checkpoint" in proc.stderr and "injected read failure" in proc.stderr, \
+        proc.stderr[-3000:]
     assert not re.search(r'File ".*/(lmforge|pretrain|deepspeed)/', proc.stderr), proc.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints" / "step-4").exists()
+    newest = sorted((tmp_path / "run" / "lease").glob("*.json"))[-1]
+    assert json.loads(newest.read_text()).get("released") is True

@@ -448,11 +448,43 @@ def test_plan_resolves_the_launch_and_the_checks_a_resume_must_pass(monkeypatch)
     checks = plan.resume_checks(hf_config, seed=7)
     assert set(checks) == {"model_digest", "seed", "dtype", "global_batch_size", "zero_stage"}
     assert {k: v for k, (v, _) in checks.items()} == {
-        "model_digest": config_digest(hf_config), "seed": 7, "dtype": "float32", "global_batch_size": 12,
+        "model_digest": (config_digest(hf_config),), "seed": 7, "dtype": "float32", "global_batch_size": 12,
         "zero_stage": 2}
     assert all(why for _, why in checks.values())  # each refusal says why and what to do
     other = model_config(ModelConfig(**TINY["gpt2"]), None, 128, 0, None, 16)
-    assert plan.resume_checks(other, seed=7)["model_digest"][0] != checks["model_digest"][0]
+    assert set(plan.resume_checks(other, seed=7)["model_digest"][0]).isdisjoint(checks["model_digest"][0])
+
+
+def test_a_gpt2_checkpoint_recorded_with_gelu_new_resumes_with_gelu_pytorch_tanh(tmp_path, monkeypatch):
+    """lmforge built GPT-2 with gelu_new before: a checkpoint whose record holds that config's digest (written
+    then, by config_digest as it is) is the same model to a launch that builds gelu_pytorch_tanh; another
+    activation is refused."""
+    from types import SimpleNamespace
+
+    from lmforge.checkpoint import config_digest
+    from lmforge.run import Plan, Run, RunError
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    plan = Plan.make(BatchConfig(micro_batch_size=2, global_batch_size=2),
+                     EngineConfig(deepspeed=ROOT / "configs/deepspeed/zero2.json", precision="fp32"), OptimConfig(lr=1e-3))
+    now = model_config(ModelConfig(**TINY["gpt2"]), None, 128, 0, None, 16)
+    assert now.activation_function == "gelu_pytorch_tanh"
+    checks = plan.resume_checks(now, seed=7)
+    record = {k: (v[0] if k == "model_digest" else v) for k, (v, _) in checks.items()}
+    monkeypatch.setattr("lmforge.run._engine", lambda: SimpleNamespace(broadcast_object=lambda o: o))
+
+    def resume(activation: str) -> None:
+        old = now.__class__.from_dict({**now.to_dict(), "activation_function": activation})
+        run = Run("pretrain", tmp_path, SimpleNamespace(is_main=True, rank=0, world=1), 0.0,
+                  resume=SimpleNamespace(path=tmp_path / "step-2", record={**record, "model_digest": config_digest(old)}))
+        run.close = lambda code=0: code
+        run.check_resume(checks)
+
+    resume("gelu_new")
+    with pytest.raises(RunError, match="different model config"):
+        resume("relu")
 
 
 def test_a_model_section_whose_mlp_or_norm_contradicts_a_gpt2_folder_is_refused(tmp_path):
