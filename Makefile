@@ -50,6 +50,7 @@ bench: setup
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/finetune_why.py
 	$(BIN)/python bench/reliability.py
 
 lint: setup
