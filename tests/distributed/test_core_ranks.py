@@ -91,8 +91,9 @@ def worker(out: Path, run_dir: Path) -> None:
 
         folder = run.resume.path
         loads = []
-        real_load, real_ranks = eng.load_checkpoint, ckpt.rng_ranks
+        real_load, real_ranks, real_unreadable = eng.load_checkpoint, ckpt.rng_ranks, ckpt.unreadable
         eng.load_checkpoint = lambda engine, root, tag: loads.append(tag)  # no engine: only the RNG is tested
+        ckpt.unreadable = lambda *args: None  # (the folder holds no DeepSpeed files to open)
         torch.manual_seed(rank_seed(SEED, rank, STEP))
         seeded = torch.get_rng_state()
 
@@ -126,7 +127,7 @@ def worker(out: Path, run_dir: Path) -> None:
         eng.barrier()
         seen["rng_both"] = load_with_view({0})
         seen["loads"] = loads
-        eng.load_checkpoint = real_load
+        eng.load_checkpoint, ckpt.unreadable = real_load, real_unreadable
 
         # -- gap 8: each rank fsyncs what it wrote, rank 0 the folders ------------------------------
         for stage in STAGES:
