@@ -31,8 +31,12 @@ Tokens/s are over the steady state: every method's steps tile rank 0's clock (wh
 steps, logging and data included, counts in the next step), the first W steps are left out, and the rate is
 tokens per step / the median of the remaining step times (the mean over them is in the JSON too). Every
 method runs `--rounds` times, interleaved, each round starting with the next method (the first run of a round
-measured slower, whichever method it was), and its best round counts: the 2 cores are shared with whatever
-else runs on the machine, and bursts of other work only ever make a step slower. MFU = tokens/s x
+measured slower, whichever method it was). A ratio between two methods is the median over rounds of the ratio
+within a round: the 2 cores are shared with whatever else runs on the machine, and its load drifts over minutes,
+so methods run back to back are compared with each other, and the median drops the round a burst of other work
+fell on. (Best round against best round, the previous statistic, is kept in the JSON: on this machine single
+rounds of one method spread by up to 1.8x, and the best-of ratio swung between 1.04x and 1.23x from one run of
+this script to the next.) A method's tokens/s in the table is its best round. MFU = tokens/s x
 `flops_per_token(model, vocab, seq_len)` / (peak x ranks), with one peak for every method: an fp32 512x512
 matmul on one thread (each rank runs one thread), best of three half-second runs, measured once in this
 parent process before any child starts. The first step's loss is recorded by every method: lmforge and the
@@ -50,6 +54,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -420,7 +425,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps; never writes BENCHMARKS.md")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 13; smoke 6)")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the rates (default 3; smoke 2)")
-    parser.add_argument("--rounds", type=int, default=None, help="runs of each method, interleaved (default 3; smoke 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="runs of each method, interleaved (default 5; smoke 1)")
     parser.add_argument("--out", type=Path, default=None, help="folder for train.json (default bench/results)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default bench/work/train[-smoke])")
     parser.add_argument("--no-memory", action="store_true", help="skip the ZeRO memory runs (implies --no-table)")
@@ -430,7 +435,7 @@ def main() -> int:
     began = time.perf_counter()
     args.steps = args.steps or (6 if args.smoke else 13)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.smoke else 3)
-    args.rounds = args.rounds or (1 if args.smoke else 3)
+    args.rounds = args.rounds or (1 if args.smoke else 5)
     if not 0 < args.warmup < args.steps:
         parser.error("--warmup must be at least 1 and below --steps")
     work = args.work or ROOT / "bench" / "work" / ("train-smoke" if args.smoke else "train")
@@ -495,9 +500,13 @@ def main() -> int:
     assert trainer["deepspeed_enabled"] and trainer["wrapped_by"] == "DeepSpeedEngine", trainer["wrapped_by"]
     assert trainer["same_windows_as_lmforge"], "the Trainer read other windows than lmforge"
     tps = {m: r["tokens_per_s"] for m, r in results.items()}
-    ratios = {"lmforge_vs_trainer": round(tps["lmforge"] / tps["trainer"], 3),
-              "lmforge_vs_plain": round(tps["lmforge"] / tps["plain"], 3),
-              "trainer_vs_plain": round(tps["trainer"] / tps["plain"], 3),
+    per_round = {f"{a}_vs_{b}": [round(x["tokens_per_s"] / y["tokens_per_s"], 3) for x, y in zip(runs[a], runs[b],
+                                                                                                strict=True)]
+                 for a, b in (("lmforge", "trainer"), ("lmforge", "plain"), ("trainer", "plain"))}
+    ratios = {**{key: round(statistics.median(values), 3) for key, values in per_round.items()},
+              "per_round": per_round,
+              "best_of_rounds": {key: round(tps[key.split("_vs_")[0]] / tps[key.split("_vs_")[1]], 3)
+                                 for key in per_round},
               # same model, weights, windows and update rule: the first step's loss must agree
               "first_loss_lmforge_minus_plain": abs(results["lmforge"]["losses"][0] - results["plain"]["losses"][0])}
     memory = None if args.no_memory else bench_memory.measure(
@@ -553,11 +562,14 @@ def write_table(report: dict, path: Path) -> None:
     def met(key: str) -> str:
         return "met" if t[key]["met"] else "**NOT MET**"
 
+    def versus(a: str, b: str) -> float:  # the median per-round ratio, either way round
+        return 1.0 if a == b else ratio[f"{a}_vs_{b}"] if f"{a}_vs_{b}" in ratio else 1 / ratio[f"{b}_vs_{a}"]
+
     def row(name: str, key: str, what: str) -> str:
         x = r[key]
         return (f"| {name} | {what} | {x['tokens_per_s']:,.0f} | {100 * x['mfu']:.1f}% | "
-                f"{c['tokens_per_step'] / x['tokens_per_s']:.2f} | {x['tokens_per_s'] / r['trainer']['tokens_per_s']:.2f}x | "
-                f"{x['tokens_per_s'] / r['plain']['tokens_per_s']:.2f}x |")
+                f"{c['tokens_per_step'] / x['tokens_per_s']:.2f} | {versus(key, 'trainer'):.2f}x | "
+                f"{versus(key, 'plain'):.2f}x |")
 
     pc = c["pretrain_config"]
     lines = [
@@ -574,9 +586,10 @@ def write_table(report: dict, path: Path) -> None:
         f"micro {c['micro_batch_size']} x accum {c['grad_accum']} x {m['ranks']} ranks "
         f"({c['tokens_per_step']:,} tokens/step), DeepSpeed ZeRO-2 (`configs/deepspeed/zero2.json`) for lmforge and "
         f"the Trainer. Tokens/s = tokens per step / the median time of steps {c['warmup_steps_skipped'] + 1}-"
-        f"{c['steps']} (the first {c['warmup_steps_skipped']} are warm-up), best of {c['rounds']} interleaved runs "
-        "of each method, each round led by the next method (the machine is shared: other work only slows a step down; every run's figures are in the "
-        f"JSON); MFU against {m['peak_flops_per_thread'] / 1e9:.1f} GFLOP/s per rank (an fp32 matmul on one "
+        f"{c['steps']} (the first {c['warmup_steps_skipped']} are warm-up), best of {c['rounds']} interleaved rounds "
+        "of each method, each round led by the next method (every run's figures are in the JSON). A ratio is the "
+        "median over rounds of the ratio within a round: the machine is shared and its load drifts, so methods "
+        "run back to back are compared, and the median drops the round a burst of other work fell on. MFU against {m['peak_flops_per_thread'] / 1e9:.1f} GFLOP/s per rank (an fp32 matmul on one "
         "thread, measured once).",
         "",
         "| method | what runs | tokens/s | MFU | s/step | vs Trainer | vs plain |",
@@ -592,6 +605,9 @@ def write_table(report: dict, path: Path) -> None:
         f"| lmforge / plain PyTorch (tokens/s) | {ratio['lmforge_vs_plain']:.2f}x | >= {TARGETS['lmforge_vs_plain']}x | "
         f"{met('lmforge_vs_plain')} |",
         f"| HF Trainer / plain PyTorch (tokens/s) | {ratio['trainer_vs_plain']:.2f}x | | |",
+        "",
+        "Per round (lmforge / Trainer): " + ", ".join(f"{x:.2f}x" for x in ratio["per_round"]["lmforge_vs_trainer"])
+        + "; best round against best round: " + f"{ratio['best_of_rounds']['lmforge_vs_trainer']:.2f}x.",
     ]
     if mem:
         lines += bench_memory.table(mem, TARGETS["zero3_vs_theory"], met("zero3_vs_theory"))

@@ -365,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     if not sft:  # the per-class report and the confusion matrix of the last scored split
         scored, split = (tested, "test") if tested else (last_eval, "val")
         report = per_class(scored[f"{split}/confusion"], labels)
-        plot_confusion(scored[f"{split}/confusion"], labels, run.dir / "plots" / "confusion.png",
-                       f"{split} split, step {step}")
+        if cfg.tracking.plots:
+            plot_confusion(scored[f"{split}/confusion"], labels, run.dir / "plots" / "confusion.png",
+                           f"{split} split, step {step}")
         ckpt.write_summary(run.dir, {**json.loads((run.dir / "summary.json").read_text()), "per_class": report})
         run.say(f"per class ({split}): " + "; ".join(f"{r['label']} F1 {100 * r['f1']:.0f}% (n={r['support']})"
                                                    for r in report))

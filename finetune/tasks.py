@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
+import gc
 import json
 import sys
 import sysconfig
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 
 from lmforge import atomic
@@ -42,27 +44,57 @@ def file_split(text: str, holdout: float) -> str:
     return "test" if fraction < holdout else "train"
 
 
-def docstrings(exclude_tests: bool = False) -> list[dict]:
-    """Every (file, package, kind, name, docstring) of the stdlib's functions and classes, in file order."""
+DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+BLOCKS = (ast.stmt, ast.excepthandler, ast.match_case)  # what a list of statements (or of their clauses) holds
+
+
+def definitions(tree: ast.AST):
+    """The functions and classes of a module, nested ones included, in `ast.walk`'s order (breadth first),
+    visiting only the lists of statements (bodies, branches, handlers, match cases): a def is a statement,
+    and expressions, most of a tree's nodes, cannot hold one."""
+    todo = deque([tree])
+    while todo:
+        node = todo.popleft()
+        if isinstance(node, DEFS):
+            yield node
+        for field in node._fields:  # in ast.iter_child_nodes' order
+            inner = getattr(node, field, None)
+            if isinstance(inner, list) and inner and isinstance(inner[0], BLOCKS):
+                todo.extend(inner)
+
+
+def docstrings(exclude_tests: bool = False) -> tuple[dict, ...]:
+    """Every (file, package, kind, name, docstring) of the stdlib's functions and classes, in file order.
+    Parsed once per process (~1,800 files, ~8 s on one core): the result is shared, treat it as read-only."""
+    return _docstrings(bool(exclude_tests))
+
+
+@functools.lru_cache(maxsize=2)
+def _docstrings(exclude_tests: bool) -> tuple[dict, ...]:
     root = Path(sysconfig.get_paths()["stdlib"])
     found = []
-    for path in stdlib_files(exclude_tests):
-        text = path.read_bytes().decode("utf-8", errors="replace")  # as tokenization decodes a file
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # invalid escape sequences in old test files
-            try:
-                tree = ast.parse(text)
-            except (SyntaxError, ValueError):  # lib2to3's Python 2 test data, deliberately broken test files
-                continue
-        rel = path.relative_to(root)
-        package = rel.parts[0].removesuffix(".py")
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+    collecting = gc.isenabled()
+    gc.disable()  # millions of short-lived tree nodes, no cycles: the collector would rescan them for nothing
+    try:
+        for path in stdlib_files(exclude_tests):
+            text = path.read_bytes().decode("utf-8", errors="replace")  # as tokenization decodes a file
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # invalid escape sequences in old test files
+                try:
+                    tree = ast.parse(text)
+                except (SyntaxError, ValueError):  # lib2to3's Python 2 test data, deliberately broken test files
+                    continue
+            rel = path.relative_to(root)
+            package = rel.parts[0].removesuffix(".py")
+            for node in definitions(tree):
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= MIN_DOC_CHARS:
                     found.append({"file": str(rel), "text": text, "package": package, "name": node.name,
                                   "function": not isinstance(node, ast.ClassDef), "doc": doc})
-    return found
+    finally:
+        if collecting:
+            gc.enable()
+    return tuple(found)
 
 
 def build(task: str, top_packages: int = 16, holdout: float = 0.1, exclude_tests: bool = False) -> dict:

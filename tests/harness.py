@@ -38,10 +38,11 @@ def pretrain_config(path: Path, data: Path, run_dir: Path, seq_len: int = 64, **
         "model": {"include": str(ROOT / "configs" / "model" / "tiny.yaml")},
         "batch": {"micro_batch_size": 4, "global_batch_size": 8},
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
-        "engine": {"deepspeed": str(ROOT / "configs" / "deepspeed" / "zero2.json")},
+        # a given peak skips the 0.5 s matmul each rank times at start-up (test_pretrain_zero keeps it)
+        "engine": {"deepspeed": str(ROOT / "configs" / "deepspeed" / "zero2.json"), "peak_flops": 1.0e11},
         "train": {"max_steps": 8, "log_every": 1, "eval_every": 4, "save_every": 4},
         "eval": {"windows": 8, "prompt": "def ", "max_new_tokens": 8},
-        "tracking": {"wandb": False},
+        "tracking": {"wandb": False, "plots": False},  # plots cost ~1 s a launch; the tests that read them turn them on
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
@@ -123,9 +124,10 @@ def finetune_config(path: Path, init_from: Path, run_dir: Path, kind: str, files
         "data": {s: str(files[f"{short}_{s}"]) for s in ("train", "validation", "test")},
         "batch": {"micro_batch_size": 4, "global_batch_size": 8},
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
-        "engine": {"deepspeed": str(ROOT / "configs" / "deepspeed" / "zero2.json")},
+        # a given peak skips the 0.5 s matmul each rank times at start-up (test_pretrain_zero keeps it)
+        "engine": {"deepspeed": str(ROOT / "configs" / "deepspeed" / "zero2.json"), "peak_flops": 1.0e11},
         "train": {"max_steps": 6, "log_every": 1, "eval_every": 3, "save_every": 3},
-        "tracking": {"wandb": False},
+        "tracking": {"wandb": False, "plots": False},  # plots cost ~1 s a launch; the tests that read them turn them on
     }
     for key, value in sections.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value

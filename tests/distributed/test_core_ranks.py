@@ -184,8 +184,29 @@ def save_once(run, stage: str, root: Path, atomic, ckpt, eng) -> dict:
     finally:
         atomic.fsync_path = real
     latest = ckpt.latest(root)
-    return {"fsynced": synced, "latest": None if latest is None else [latest.step, latest.record["world_size"]],
+    seen = {"fsynced": synced, "latest": None if latest is None else [latest.step, latest.record["world_size"]],
             "zero_stage": plan.zero_stage}
+    if stage == "zero2":  # rank 0's commit of the next save fails (a full quota): every rank must hear it
+        import errno
+
+        real_commit = ckpt.commit
+
+        def commit(folder, record) -> None:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", str(folder / ckpt.RECORD))
+
+        ckpt.commit = commit if run.dist.is_main else real_commit
+        began = time.monotonic()
+        try:
+            ckpt.save(engine, root, 2, run.dist, {"samples": 2 * plan.global_batch}, ckpt.Retention(2), say=run.say)
+            seen["failed_commit"] = "saved"
+        except ckpt.CheckpointError as e:
+            seen["failed_commit"] = str(e)
+        finally:
+            ckpt.commit = real_commit
+        seen["failed_commit_seconds"] = time.monotonic() - began
+        latest = ckpt.latest(root)
+        seen["latest_after_failed_commit"] = None if latest is None else latest.step
+    return seen
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,6 +375,18 @@ def test_each_rank_fsyncs_what_it_wrote(pair, stage):
     # every file of the checkpoint is durable: fsynced by its writer (the record by atomic.write_json)
     unsynced = set(on_disk) - set(files[0]) - set(files[1]) - {"lmforge.json"}
     assert not unsynced, f"nobody fsynced {sorted(unsynced)} (on disk: {on_disk})"
+
+
+@pytest.mark.slow
+def test_a_failed_commit_on_rank_0_fails_the_save_on_every_rank(pair):
+    # rank 0 alone commits; before its outcome was broadcast, a commit that raised left rank 1 in the next
+    # collective until the collective timeout (30 minutes), and the error was rank 0's alone
+    _, _, _, ranks = pair
+    for r in ranks:
+        assert "the commit failed" in r["zero2"]["failed_commit"] and "Disk quota exceeded" in r["zero2"]["failed_commit"]
+        assert "step 2 is not saved" in r["zero2"]["failed_commit"], r["zero2"]["failed_commit"]
+        assert r["zero2"]["failed_commit_seconds"] < 60
+        assert r["zero2"]["latest_after_failed_commit"] == 1  # the failed step is not complete
 
 
 def test_load_rng_follows_the_given_view(tmp_path):

@@ -39,8 +39,11 @@ def test_train_benchmark_smoke_run(tmp_path):
 
     tps = {m: r["tokens_per_s"] for m, r in results.items()}
     ratios = report["ratios"]
+    # one round: the median of the per-round ratios is that round's ratio
+    assert ratios["per_round"]["lmforge_vs_trainer"] == [ratios["lmforge_vs_trainer"]]
     assert ratios["lmforge_vs_trainer"] == pytest.approx(tps["lmforge"] / tps["trainer"], rel=1e-2)
     assert ratios["lmforge_vs_plain"] == pytest.approx(tps["lmforge"] / tps["plain"], rel=1e-2)
+    assert ratios["best_of_rounds"]["lmforge_vs_plain"] == pytest.approx(ratios["lmforge_vs_plain"], rel=1e-2)
     assert set(report["targets"]) == {"lmforge_vs_trainer", "lmforge_vs_plain", "zero3_vs_theory"}
     assert all(isinstance(t["met"], bool) for t in report["targets"].values())
 

@@ -22,7 +22,8 @@ def no_worker_traceback(stderr: str) -> bool:
 def test_classification_exports_a_model_whose_pipeline_predicts_what_the_stage_reported(tmp_path, tiny_lm, tasks_data):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    cfg = finetune_config(tmp_path / "c.yaml", tiny_lm, tmp_path / "run", "classification", tasks_data)
+    cfg = finetune_config(tmp_path / "c.yaml", tiny_lm, tmp_path / "run", "classification", tasks_data,
+                          tracking={"plots": True})
     proc = launch("finetune", cfg)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "FutureWarning" not in proc.stderr
@@ -145,6 +146,7 @@ def test_lora_exports_the_merged_model_and_an_adapter_that_gives_the_same_logits
         with adapted.disable_adapter():  # the adapter changed the model: without it the logits differ
             assert not torch.allclose(adapted(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-4)
     assert "LoRA" in (final / "README.md").read_text()
+    assert not (final.parent / "plots").exists()  # tracking.plots: false (the harness's) writes no plot at all
 
 
 def test_dry_run_prints_the_resolved_config_and_sizes_and_writes_nothing(tmp_path, tiny_lm, tasks_data):
