@@ -263,6 +263,8 @@ def upload_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:
                        "(or a run's final/)")
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     kept = [f for f in files if not any(fnmatch.fnmatchcase(f, pat) for pat in NEVER_UPLOAD)]
+    if {"adapter_config.json", "adapter_model.safetensors"} <= set(kept):  # a peft adapter (a LoRA run's
+        return [(f, (folder / f).stat().st_size) for f in kept]            # final/adapter/): no config.json
     missing = [what for what, ok in (("config.json", "config.json" in kept),
                                      ("*.safetensors weights", any(f.endswith(".safetensors") for f in kept)))
                if not ok]
@@ -305,15 +307,17 @@ def tree_url(repo_id: str, revision: str | None = None) -> str:
 # Files lmforge writes with local facts in them (paths of the run, its data and its parent): `push`
 # uploads them rewritten by `public_text`. Other files go up byte for byte: a tokenizer's vocabulary
 # may hold a token such as "/usr", which must not change.
-REWRITTEN_ON_PUSH = ("README.md", "lineage.json")
+# A LoRA run's final/adapter/ (peft's format) names its base model by the local path it was trained from.
+REWRITTEN_ON_PUSH = ("README.md", "lineage.json", "adapter_config.json")
 
 
 def public_text(name: str, text: str) -> str:
     """What `push` uploads for `name` (one of REWRITTEN_ON_PUSH) whose local content is `text`: absolute
-    paths shortened and secrets scrubbed. lineage.json keeps its JSON layout (indent 2, sorted keys)."""
-    if name == "lineage.json":
+    paths shortened and secrets scrubbed. The JSON files keep their layout (lineage.json: indent 2, sorted
+    keys, as lmforge writes it; adapter_config.json: indent 2 in peft's key order)."""
+    if name.endswith(".json"):
         try:
-            return json.dumps(scrub_paths_json(json.loads(text)), indent=2, sort_keys=True) + "\n"
+            return json.dumps(scrub_paths_json(json.loads(text)), indent=2, sort_keys=name == "lineage.json") + "\n"
         except ValueError:  # not JSON (hand-edited?): still no path goes up
             pass
     return scrub_paths(scrub_secrets(text))
@@ -353,8 +357,8 @@ def push(folder: str | os.PathLike, repo_id: str, revision: str | None = None, p
     and returns what would be uploaded, without calling the Hub. `api`: an HfApi (tests pass a mock).
 
     Two steps: `upload_folder` sends the weights, config and tokenizer (huggingface_hub's resumable, possibly
-    multi-commit upload), then one `create_commit` adds README.md and lineage.json as `public_text`
-    rewrites them, so the card appears once the weights are there."""
+    multi-commit upload), then one `create_commit` adds README.md, lineage.json (and an adapter's
+    adapter_config.json) as `public_text` rewrites them, so the card appears once the weights are there."""
     folder = Path(folder)
     check_repo_id(repo_id)
     names = [name for name, _ in upload_plan(folder)]
@@ -410,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokenizer, README.md, lineage.json) to the Hub. Only the folder's top-level files go up; pickles "
         "(*.pt, *.bin, ...) and DeepSpeed state never do.",
         epilog="The token comes from HF_TOKEN or a stored `hf auth login`; it is never printed.")
-    parser.add_argument("folder", metavar="HF_DIR", help="folder written by `lmforge export` (or RUN_DIR/final)")
+    parser.add_argument("folder", metavar="HF_DIR", help="folder written by `lmforge export` (or RUN_DIR/final, "
+                        "or a LoRA run's RUN_DIR/final/adapter)")
     parser.add_argument("--repo-id", required=True, type=_repo_id_arg, metavar="ORG/NAME", help="Hub model repo")
     parser.add_argument("--revision", metavar="BRANCH",
                         help="upload to this branch, created when missing, e.g. step-1000 (default: main)")

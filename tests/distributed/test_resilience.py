@@ -92,29 +92,40 @@ def test_the_reference_run_reads_every_window_once_per_epoch(reference):
     assert len(set(order[WINDOWS:])) == len(order) - WINDOWS  # epoch 2 so far: no repeats
 
 
-# (point, rank, the newest complete checkpoint after the kill at step 4's save)
-KILLS = [("save-begin", 1, 2), ("save-mid-shards", 1, 2), ("save-shards", 0, 2), ("save-rng", 1, 2),
-         ("save-commit", 0, 2), ("save-committed", 0, 4), ("save-pruned", 0, 4)]
-assert {k[0] for k in KILLS} == set(FAULT_POINTS)
+# Every point of a save, killed on the rank that matters there: (point, rank, the step whose save is killed,
+# the newest complete checkpoint after the kill). A chain is one run killed once per launch, each launch
+# resuming from the previous kill's survivor, then resumed to the end: 10 launches for 7 kills, where a
+# launch pair per kill took 14 (each launch costs ~10 s of start-up on 2 cores).
+CHAINS = [[("save-begin", 1, 4, 2), ("save-mid-shards", 1, 6, 4), ("save-shards", 0, 8, 6)],
+          [("save-rng", 1, 4, 2), ("save-committed", 0, 6, 6), ("save-commit", 0, 8, 6)],
+          [("save-pruned", 0, 4, 4)]]
+assert {k[0] for chain in CHAINS for k in chain} == set(FAULT_POINTS)
 
 
-@pytest.mark.parametrize("point, rank, survivor", KILLS, ids=[f"{p}-rank{r}" for p, r, _ in KILLS])
-def test_a_kill_during_a_save_leaves_the_last_complete_checkpoint_and_resume_is_exact(
-        tmp_path, position_data, reference, point, rank, survivor):
+@pytest.mark.parametrize("kills", CHAINS, ids=["+".join(f"{p}-rank{r}" for p, r, _, _ in c) for c in CHAINS])
+def test_kills_during_saves_leave_the_last_complete_checkpoint_and_resume_is_exact(
+        tmp_path, position_data, reference, kills):
     from lmforge.checkpoint import complete
 
     cfg = config(tmp_path, position_data)
-    first, second = traced(tmp_path, "crashed"), traced(tmp_path, "resumed")
-    crashed = launch("pretrain", cfg, nproc=2, env={**first, "LMFORGE_FAULT": f"{point}:4:{rank}"})
-    assert crashed.returncode != 0, "the injected kill did not happen"
-    found = complete(tmp_path / "run" / "checkpoints")
-    assert found and found[-1].step == survivor, [c.step for c in found]
-    assert not (tmp_path / "run" / "final").exists()
-    resumed = launch("pretrain", cfg, nproc=2, env=second)
+    traces, resumed_at = [], None
+    for k, (point, rank, step, survivor) in enumerate(kills):
+        env = traced(tmp_path, f"launch{k}")
+        traces.append(Path(env["LMFORGE_TRACE_DIR"]))
+        crashed = launch("pretrain", cfg, nproc=2, env={**env, "LMFORGE_FAULT": f"{point}:{step}:{rank}"})
+        assert crashed.returncode != 0, f"the kill at {point} of step {step}'s save did not happen"
+        if resumed_at is not None:
+            assert f"at step {resumed_at}" in crashed.stdout, crashed.stdout[-2000:]
+        found = complete(tmp_path / "run" / "checkpoints")
+        assert found and found[-1].step == survivor, (point, step, [c.step for c in found])
+        assert not (tmp_path / "run" / "final").exists()
+        resumed_at = survivor
+    env = traced(tmp_path, "last")
+    traces.append(Path(env["LMFORGE_TRACE_DIR"]))
+    resumed = launch("pretrain", cfg, nproc=2, env=env)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert f"at step {survivor}" in resumed.stdout
-    assert_same_as_reference(tmp_path / "run", reference,
-                             [Path(first["LMFORGE_TRACE_DIR"]), Path(second["LMFORGE_TRACE_DIR"])])
+    assert f"at step {resumed_at}" in resumed.stdout
+    assert_same_as_reference(tmp_path / "run", reference, traces)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert names == ["step-00000006", "step-00000008"]  # partial folders cleaned, keep_last 2
 

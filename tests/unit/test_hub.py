@@ -407,3 +407,27 @@ def test_cli_push_prints_files_and_url_and_exit_codes(hf_folder, token, monkeypa
     with pytest.raises(SystemExit) as e:  # usage errors are argparse's: exit 2
         cli.main(["push", str(hf_folder), "--repo-id", "not-an-org-slash-name"])
     assert e.value.code == 2 and "invalid repo id" in capsys.readouterr().err
+
+
+def test_a_lora_adapter_folder_pushes_with_its_base_path_shortened(tmp_path, token):
+    """A LoRA run's final/adapter/ (peft's format: adapter_config.json + adapter_model.safetensors, no
+    config.json) is pushable; its base model's local path does not go up."""
+    adapter = tmp_path / "run" / "final" / "adapter"
+    adapter.mkdir(parents=True)
+    config = {"peft_type": "LORA", "base_model_name_or_path": f"{tmp_path}/runs/pretrain/final", "r": 4,
+              "target_modules": ["q_proj", "v_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (adapter / "adapter_model.safetensors").write_text("x" * 512)
+    (adapter / "README.md").write_text(f"---\nbase_model: {tmp_path}/runs/pretrain/final\n---\n")
+    api = hub_api()
+    assert hub.push(adapter, "my-org/tiny-lora", api=api) == ["README.md", "adapter_config.json",
+                                                              "adapter_model.safetensors"]
+    (_, _, up), (_, _, commit) = api.method_calls[1:]
+    assert up["allow_patterns"] == ["adapter_model.safetensors"]
+    sent = {op.path_in_repo: op.path_or_fileobj for op in commit["operations"]}
+    assert json.loads(sent["adapter_config.json"]) == {**config, "base_model_name_or_path": ".../pretrain/final"}
+    assert list(json.loads(sent["adapter_config.json"])) == list(config)  # peft's key order kept
+    assert str(tmp_path).encode() not in sent["README.md"]
+    (adapter / "adapter_model.safetensors").unlink()  # half an adapter is no model folder
+    with pytest.raises(hub.HubError, match="not a Hugging Face model folder"):
+        hub.push(adapter, "my-org/tiny-lora", api=hub_api())
