@@ -589,7 +589,8 @@ def write_table(report: dict, path: Path) -> None:
         f"{c['steps']} (the first {c['warmup_steps_skipped']} are warm-up), best of {c['rounds']} interleaved rounds "
         "of each method, each round led by the next method (every run's figures are in the JSON). A ratio is the "
         "median over rounds of the ratio within a round: the machine is shared and its load drifts, so methods "
-        "run back to back are compared, and the median drops the round a burst of other work fell on. MFU against {m['peak_flops_per_thread'] / 1e9:.1f} GFLOP/s per rank (an fp32 matmul on one "
+        "run back to back are compared, and the median drops the round a burst of other work fell on. MFU "
+        f"against {m['peak_flops_per_thread'] / 1e9:.1f} GFLOP/s per rank (an fp32 matmul on one "
         "thread, measured once).",
         "",
         "| method | what runs | tokens/s | MFU | s/step | vs Trainer | vs plain |",

@@ -66,3 +66,24 @@ def test_train_benchmark_smoke_run(tmp_path):
 
     # a smoke run never touches the recorded tables
     assert (benchmarks.read_bytes() if benchmarks.exists() else None) == before
+
+
+def test_the_table_renders_the_recorded_results(tmp_path):
+    """write_table over the committed bench/results/train.json: every figure filled in (no f-string left
+    unformatted), the headline ratio the median of the per-round ratios, and the per-round ratios listed."""
+    import re
+    import statistics
+
+    from bench.train import BEGIN, END, write_table
+
+    report = json.loads((ROOT / "bench" / "results" / "train.json").read_text())
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n")
+    write_table(report, out)
+    text = out.read_text()
+    section = text[text.index(BEGIN):text.index(END)]
+    assert not re.search(r"\{[a-z_]+\[", section), re.search(r".{40}\{[a-z_]+\[.{40}", section)[0]
+    per_round = report["ratios"]["per_round"]["lmforge_vs_trainer"]
+    assert report["ratios"]["lmforge_vs_trainer"] == pytest.approx(statistics.median(per_round), abs=1e-3)
+    assert f"| lmforge / HF Trainer (tokens/s) | {report['ratios']['lmforge_vs_trainer']:.2f}x |" in section
+    assert "Per round (lmforge / Trainer): " + ", ".join(f"{x:.2f}x" for x in per_round) in section
