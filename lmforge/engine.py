@@ -399,8 +399,46 @@ def initialize(model: torch.nn.Module, config: dict, weight_decay: float):
         if p.requires_grad:
             (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    skip_muon_import()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
     return engine
+
+
+MUON = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
+
+
+def skip_muon_import() -> None:
+    """Keep DeepSpeed from importing its Muon optimizer, which lmforge never uses.
+
+    DeepSpeed imports `MuonWithAuxAdam` at every engine start (the ZeRO optimizer check, the ZeRO and BF16
+    optimizers' constructors) and `muon_update` in ZeRO-1/2's gradient partitioning on every step, only to ask
+    `isinstance(optimizer, MuonWithAuxAdam)` or to skip `muon_update` for parameters that are not Muon's.
+    Those modules apply `torch.compile` when imported, which imports Inductor: 2-3 s of every rank's start-up
+    (on 2 CPU cores, a quarter of a small launch). lmforge always hands DeepSpeed the AdamW it injects (a ZeRO
+    JSON with an optimizer section is refused), so the answer is always no. Stand-in modules give it at no
+    cost: each name they are asked for is a class nothing is an instance of, and calling it raises. Where
+    DeepSpeed's modules are already imported, they stay."""
+    import functools
+    import sys
+    import types
+
+    @functools.cache  # one class per name: DeepSpeed appends MuonWithAuxAdam to a list once, not per engine
+    def absent(name: str) -> type:
+        def refuse(*args, **kwargs):
+            raise RuntimeError(f"DeepSpeed's Muon optimizer ({name}) is not loaded in lmforge, which trains with AdamW")
+
+        return type(name, (), {"__new__": refuse, "__doc__": "lmforge.engine.skip_muon_import's stand-in"})
+
+    def attribute(name: str) -> type:  # PEP 562: `from module import anything` gets a stand-in class
+        if name.startswith("_"):  # __file__, __path__, ...: what a module without them answers
+            raise AttributeError(name)
+        return absent(name)
+
+    for module in MUON:
+        if module not in sys.modules:
+            stand_in = types.ModuleType(module, "lmforge's stand-in (lmforge.engine.skip_muon_import): no Muon")
+            stand_in.__getattr__ = attribute
+            sys.modules[module] = stand_in
 
 
 def set_lr(engine, lr: float) -> None:

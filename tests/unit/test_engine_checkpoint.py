@@ -160,6 +160,10 @@ try:
     out["zero0_fp32_accumulator"] = "accepted"
 except NotImplementedError as e:
     out["zero0_fp32_accumulator"] = str(e)
+import sys
+# DeepSpeed's ZeRO check would import its Muon optimizer, which imports Inductor (2-3 s a rank): not here
+out["inductor_imported"] = "torch._inductor.compile_fx" in sys.modules
+out["muon_stand_in"] = all(sys.modules[m].__doc__.startswith("lmforge's stand-in") for m in eng.MUON)
 print("RESULT " + json.dumps(out))
 """
 
@@ -187,3 +191,4 @@ def test_deepspeed_honours_the_injected_gradient_dtypes_in_every_stage():
                            "finite": True}
     assert result["3"] == {"optimizer": "DeepSpeedZeroOptimizer_Stage3", "reduce": fp32, "accum": fp32,
                            "buffer": fp32, "finite": True}
+    assert result["inductor_imported"] is False and result["muon_stand_in"] is True
