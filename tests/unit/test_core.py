@@ -511,3 +511,23 @@ def test_a_config_saved_without_architectures_exports_as_a_causal_lm():
     assert ckpt.model_class(GPT2Config()) is GPT2LMHeadModel
     assert ckpt.model_class(LlamaConfig()) is LlamaForCausalLM
     assert ckpt.generative(GPT2Config())
+
+
+def test_parity_of_a_model_larger_than_the_free_gpu_memory_runs_on_cpu_in_the_same_dtype(tmp_path, monkeypatch):
+    """A 70B export on one GPU: the reload does not fit beside what is left of the device, so parity runs on
+    the CPU, still in the engine's dtype. (Here there is no GPU: without the fallback, `.to("cuda")` raises.)"""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config(n_positions=32, n_embd=32, n_layer=2, n_head=2, vocab_size=128, num_labels=3,
+                        pad_token_id=0, architectures=["GPT2ForSequenceClassification"])
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(config).eval()
+    ids = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    (tmp_path / "tok").mkdir()
+    ckpt.export_hf(tmp_path / "final", config, model.state_dict(), tmp_path / "tok", {}, None)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (1024, 80 << 30))
+    assert ckpt.parity(tmp_path / "final", ids, logits, torch.device("cuda", 0), torch.float32) == 0.0
+    assert asked == [torch.device("cuda", 0)]  # it looked at the device's free memory (1 KiB) first
