@@ -114,6 +114,8 @@ def save(engine, root: Path, step: int, dist, record: dict, retention: Retention
     if not eng.weights_finite(engine):  # never write what could not be resumed from
         raise CheckpointError(f"non-finite weights at step {step}: not saving over {root}")
     fault("save-begin", step, dist.rank)
+    if fault_requested("save-slow", step, dist.rank):  # tests: a save long enough for a signal to land in it
+        time.sleep(float(os.environ.get("LMFORGE_FAULT_SECONDS", 5)))
     written = eng.save_checkpoint(engine, root, tag, die_mid_write=fault_requested("save-mid-shards", step, dist.rank))
     fault("save-shards", step, dist.rank)
     save_rng(root / tag, dist.rank)

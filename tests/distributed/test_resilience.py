@@ -143,11 +143,15 @@ def worker_pids(torchrun: subprocess.Popen) -> dict[int, int]:
     return out
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
-def test_a_signal_to_one_worker_saves_on_all_ranks_and_exits_0(tmp_path, position_data, reference, signum):
+@pytest.mark.parametrize("signum, during_save", [(signal.SIGUSR1, True), (signal.SIGTERM, False)],
+                         ids=["SIGUSR1-during-a-save", "SIGTERM"])
+def test_a_signal_to_one_worker_saves_on_all_ranks_and_exits_0(tmp_path, position_data, reference, signum,
+                                                                during_save):
+    """during_save: rank 1's save at step 2 takes 5 s (the signal lands in it, as on a cluster where a save
+    takes minutes): the run stops right after that save, not after another step and another save."""
     cfg = config(tmp_path, position_data)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "offline"}
+           "WANDB_MODE": "offline", **({"LMFORGE_FAULT": "save-slow:2:1"} if during_save else {})}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -166,6 +170,8 @@ def test_a_signal_to_one_worker_saves_on_all_ranks_and_exits_0(tmp_path, positio
     assert f"{signum.name} received: checkpoint saved at step" in out
     stopped_at = int(out.split("checkpoint saved at step ")[1].split(";")[0])
     assert 2 <= stopped_at < STEPS and not (tmp_path / "run" / "final").exists()
+    if during_save:  # stopped by the save the signal landed in: no step 3, no second save
+        assert stopped_at == 2 and [c.name for c in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-00000002"]
     resumed = launch("pretrain", cfg, nproc=2)
     assert resumed.returncode == 0 and f"at step {stopped_at}" in resumed.stdout, resumed.stderr[-3000:]
     assert_same_as_reference(tmp_path / "run", reference)
