@@ -267,6 +267,7 @@ def table(report: dict) -> list[str]:
         best = {n: max([sweep_[n]["0.001"], *h[n].values()], key=lambda c: c["macro_f1"]) for n in h}
         verdict = ("beats" if all(best["pretrained"][k] > best["random init"][k] for k in ("accuracy", "macro_f1"))
                    else "does not beat")
+        lines.append("")
         lines.append(f"With its best head, the demo-pretrained model ({both(best['pretrained'])}) {verdict} random "
                      f"init with its best ({both(best['random init'])}).")
     if "seeds" in report:
@@ -280,11 +281,13 @@ def table(report: dict) -> list[str]:
                   "| model | accuracy | macro-F1 | runs |", "|---|---:|---:|---|"]
         lines += [f"| {n} | {pct(v['accuracy'][0])} ± {pct(v['accuracy'][1])} | {pct(v['macro_f1'][0])} ± "
                   f"{pct(v['macro_f1'][1])} | " + ", ".join(both(r) for r in runs[n]) + " |" for n, v in spread.items()]
-        gap = spread["pretrained"]["macro_f1"][0] - spread["random init"]["macro_f1"][0]
-        noise = max(spread["pretrained"]["macro_f1"][1], spread["random init"]["macro_f1"][1])
-        lines.append(f"Pretrained minus random init: {gap * 100:+.1f} macro-F1 points on average, against a seed "
-                     f"spread of {noise * 100:.1f} points ({'beyond' if abs(gap) > 2 * noise else 'within'} twice "
-                     "the spread).")
+        said = []
+        for key, what in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
+            gap = spread["pretrained"][key][0] - spread["random init"][key][0]
+            noise = max(spread["pretrained"][key][1], spread["random init"][key][1])
+            said.append(f"{gap * 100:+.1f} {what} points on average, against a seed spread of {noise * 100:.1f} "
+                        f"({'beyond' if abs(gap) > 2 * noise else 'within'} twice the spread)")
+        lines += ["", "Pretrained minus random init: " + "; ".join(said) + "."]
     return lines + [END]
 
 

@@ -41,7 +41,9 @@ def test_the_head_and_seed_sections_conclude_from_their_numbers():
     assert "| probe | 80.0% / 40.0% | 72.0% / 36.0% |" in text
     assert "With its best head, the demo-pretrained model (80.0% / 40.0%) beats random init with its best (72.0% / 36.0%)" in text
     assert "| pretrained | 60.0% ± 2.0% | 30.0% ± 1.0% |" in text
-    assert "-5.0 macro-F1 points on average, against a seed spread of 1.0 points (beyond twice" in text
+    assert ("Pretrained minus random init: -10.0 accuracy points on average, against a seed spread of 2.0 (beyond "
+            "twice the spread); -5.0 macro-F1 points on average, against a seed spread of 1.0 (beyond twice") in text
+    assert "|\n\nWith its best head" in text  # a paragraph after a table needs a blank line (else it is a row)
     r["heads"]["pretrained"]["probe"] = scores(0.66)
     assert "(66.0% / 33.0%) does not beat random init" in "\n".join(table(r))
 
