@@ -38,7 +38,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The tests not marked slow (no stage launches): a few minutes, for iterating; `make test` runs them all.
+# The unit tests (every test that launches a stage or a CLI is marked slow by tests/conftest.py): under a
+# minute, for iterating; `make test` runs them all.
 quick: setup
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
