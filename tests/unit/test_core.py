@@ -403,8 +403,9 @@ def test_a_gpt2_export_gets_lmforges_generation_config(tmp_path):
     assert generation["pad_token_id"] == 0  # pad falls back to eos: generate() pads batches without a warning
 
 
-def test_export_of_a_sequence_classifier_reloads_as_one_without_a_generation_config(tmp_path):
-    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+def exported_classifier(tmp_path):
+    """(tmp_path/final: a tiny GPT-2 sequence classifier exported by lmforge, the model, inputs, its logits)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
 
     config = GPT2Config(n_positions=32, n_embd=32, n_layer=2, n_head=2, vocab_size=128, num_labels=3,
                         pad_token_id=0, architectures=["GPT2ForSequenceClassification"])
@@ -414,8 +415,14 @@ def test_export_of_a_sequence_classifier_reloads_as_one_without_a_generation_con
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
     (tmp_path / "tok").mkdir()
-    out = tmp_path / "final"
-    ckpt.export_hf(out, config, model.state_dict(), tmp_path / "tok", {}, None)
+    ckpt.export_hf(tmp_path / "final", config, model.state_dict(), tmp_path / "tok", {}, None)
+    return tmp_path / "final", model, ids, logits
+
+
+def test_export_of_a_sequence_classifier_reloads_as_one_without_a_generation_config(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out, model, ids, logits = exported_classifier(tmp_path)
     assert not (out / "generation_config.json").exists()
     reloaded = AutoModelForSequenceClassification.from_pretrained(out)
     assert type(reloaded).__name__ == "GPT2ForSequenceClassification" and reloaded.config.num_labels == 3
@@ -516,18 +523,8 @@ def test_a_config_saved_without_architectures_exports_as_a_causal_lm():
 def test_parity_of_a_model_larger_than_the_free_gpu_memory_runs_on_cpu_in_the_same_dtype(tmp_path, monkeypatch):
     """A 70B export on one GPU: the reload does not fit beside what is left of the device, so parity runs on
     the CPU, still in the engine's dtype. (Here there is no GPU: without the fallback, `.to("cuda")` raises.)"""
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-
-    config = GPT2Config(n_positions=32, n_embd=32, n_layer=2, n_head=2, vocab_size=128, num_labels=3,
-                        pad_token_id=0, architectures=["GPT2ForSequenceClassification"])
-    torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(config).eval()
-    ids = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits.float()
-    (tmp_path / "tok").mkdir()
-    ckpt.export_hf(tmp_path / "final", config, model.state_dict(), tmp_path / "tok", {}, None)
+    final, _, ids, logits = exported_classifier(tmp_path)
     asked = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (1024, 80 << 30))
-    assert ckpt.parity(tmp_path / "final", ids, logits, torch.device("cuda", 0), torch.float32) == 0.0
+    assert ckpt.parity(final, ids, logits, torch.device("cuda", 0), torch.float32) == 0.0
     assert asked == [torch.device("cuda", 0)]  # it looked at the device's free memory (1 KiB) first
