@@ -21,7 +21,7 @@ function's docstring -> its name, greedy exact match).
    `train/tokens_per_s` over the logged windows after the first).
 3. Throughput beside `transformers.Trainer` on the classification task: the same model (built as the stage
    builds it: `classifier_config(folder_config(...))`, then `from_pretrained(final, config=...)`), the same
-   encoded examples (`finetune.tasks.build` + `finetune.data.encode_classification` with the same TaskConfig),
+   encoded examples (`lmforge.data.tasks.build` + `lmforge.data.examples.encode_classification` with the same TaskConfig),
    micro batch, accumulation and examples in every step (item p of a map-style dataset is the train example
    `GlobalOrder(len(train), seed).item_at(p)`, `train_sampling_strategy="sequential"`: accelerate hands rank
    r the batches r, r + W, ..., so step s reads positions s x G .. (s + 1) x G - 1, lmforge's step s; checked.
@@ -81,8 +81,8 @@ def task_examples(cfg) -> dict:
     `init_from`, pad = its pad token, else EOS."""
     from transformers import AutoTokenizer
 
-    from finetune import data as fd
-    from finetune import tasks
+    from lmforge.data import examples as fd
+    from lmforge.data import tasks
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -152,7 +152,7 @@ def features(models: dict) -> tuple[dict, dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import tasks
+    from lmforge.data import tasks
 
     data = tasks.build("stdlib-docstring-package")
     index = {label: i for i, label in enumerate(data["labels"])}  # the stage's label ids: its order of labels

@@ -27,12 +27,12 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from finetune import data as fd
-from finetune import tasks
 from lmforge import checkpoint as ckpt
 from lmforge.config import to_yaml
 from lmforge.config.command import parse_command
 from lmforge.config.finetune import FinetuneConfig
+from lmforge.data import examples as fd
+from lmforge.data import tasks
 from lmforge.data.sampler import GlobalOrder
 from lmforge.data.sources import DataError
 from lmforge.models import (

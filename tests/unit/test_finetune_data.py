@@ -1,4 +1,4 @@
-"""Fine-tuning examples (finetune/data.py): reading, the errors a user gets for bad input, the response-only
+"""Fine-tuning examples (lmforge/data/examples.py): reading, the errors a user gets for bad input, the response-only
 mask of SFT, truncation, batching; and the config's refusals."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from finetune import data as fd
 from lmforge.config.finetune import FinetuneConfig, FinetuneDataConfig, SplitSource, TaskConfig
+from lmforge.data import examples as fd
 from lmforge.data.sources import DataError
 from tests.conftest import write_jsonl
 

@@ -1,4 +1,4 @@
-"""The built-in fine-tuning tasks (finetune/tasks.py): made from this interpreter's standard library, split by
+"""The built-in fine-tuning tasks (lmforge/data/tasks.py): made from this interpreter's standard library, split by
 source file, and held out of the pretraining train split by construction."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune import tasks
+from lmforge.data import tasks
 from lmforge.data.sources import DataError, doc_hash, hash_fraction
 
 ROOT = Path(__file__).resolve().parents[2]

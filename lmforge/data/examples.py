@@ -1,5 +1,5 @@
-"""Fine-tuning examples: read (local JSONL/CSV/Parquet, Hub datasets from the cache, built-in tasks), checked
-before any training, tokenized, and batched with right padding.
+"""Task examples (fine-tuning, classifier distillation): read (local JSONL/CSV/Parquet, Hub datasets from the
+cache, built-in tasks), checked before any training, tokenized, and batched with right padding.
 
 Every bad input is an error naming the file, the line (or row) and the field: a missing field, a label in
 validation/test that training never saw, an empty split, a chat message without a role, an example past
@@ -92,7 +92,7 @@ def _read_hf(src: SplitSource) -> list[tuple[str, dict]]:
 
 
 def builtin_splits(folder: Path) -> dict[str, SplitSource]:
-    """The split files `python -m finetune.tasks` wrote into `folder`."""
+    """The split files `python -m lmforge.data.tasks` wrote into `folder`."""
     return {s: SplitSource(path=Path(folder) / f"{s}.jsonl") for s in ("train", "validation", "test")}
 
 

@@ -1,6 +1,7 @@
-"""The built-in fine-tuning tasks, made from the running interpreter's standard library (no download).
+"""The built-in tasks (fine-tuning, classifier distillation), made from the running interpreter's standard
+library (no download).
 
-    python -m finetune.tasks stdlib-docstring-package OUT_DIR   # writes train/validation/test.jsonl + meta.json
+    python -m lmforge.data.tasks stdlib-docstring-package OUT_DIR   # writes train/validation/test.jsonl + meta.json
 
 - `stdlib-docstring-package` (classification): a function's or class's docstring -> the top-level stdlib
   package its file belongs to (`email`, `asyncio`, `test`, ...): the `top_packages` most frequent packages that
@@ -157,7 +158,7 @@ def write(task: str, out_dir: Path, top_packages: int = 16, holdout: float = 0.1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.tasks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lmforge.data.tasks", description=__doc__.split("\n")[0])
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--top-packages", type=int, default=16, help="classes of stdlib-docstring-package")
