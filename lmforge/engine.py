@@ -404,6 +404,32 @@ def initialize(model: torch.nn.Module, config: dict, weight_decay: float):
     return engine
 
 
+def frozen_config(config: dict) -> dict:
+    """The DeepSpeed config of a frozen model (a distillation teacher) beside a student trained with `config`:
+    ZeRO-3 partitioning of its parameters, no optimizer, in the student's precision and batch arithmetic.
+    Build the teacher inside `model_context(frozen_config(...))`, then `freeze` it."""
+    out = {k: v for k, v in json.loads(json.dumps(config)).items()
+           if k not in ("optimizer", "scheduler", "zero_force_ds_cpu_optimizer", "checkpoint")}
+    out["zero_optimization"] = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}
+    return out
+
+
+def freeze(model: torch.nn.Module, config: dict | None, device: torch.device):
+    """A teacher: no gradients, eval mode. With `config` (from `frozen_config`; the model was built partitioned
+    inside `model_context(config)`) its own DeepSpeed engine with no optimizer keeps the parameters partitioned
+    over the ranks, whatever the student's ZeRO stage, and gathers each layer for its forward: that forward is
+    a collective (every rank runs the same number). Without, the whole model goes to `device` (in the dtype it
+    was built in). Returns what to call for the teacher's forward."""
+    model.requires_grad_(False)
+    model.eval()
+    if config is None:
+        return model.to(device)
+    skip_muon_import()
+    teacher, _, _, _ = deepspeed.initialize(model=model, config=config)
+    teacher.eval()
+    return teacher
+
+
 MUON = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
 
 

@@ -125,6 +125,28 @@ def eval_slices(count: int, micro: int, rank: int, world: int) -> Iterator[tuple
         yield (ids, True) if ids else ([0], False)
 
 
+def classification_scores(confusion: torch.Tensor, prefix: str) -> dict:
+    """Accuracy, macro-F1 (over the classes present in truth or prediction) and the confusion matrix itself, from a
+    [truth, prediction] count matrix summed over every rank."""
+    tp = confusion.diag()
+    seen = confusion.sum(0) + confusion.sum(1)
+    f1 = 2 * tp / seen.clamp(min=1)
+    return {f"{prefix}/accuracy": float(tp.sum() / confusion.sum()), f"{prefix}/macro_f1": float(f1[seen > 0].mean()),
+            f"{prefix}/confusion": confusion.long().tolist()}
+
+
+def per_class(confusion: list[list[int]], labels: list) -> list[dict]:
+    """Precision, recall, F1 and support of each class from a confusion matrix [truth][prediction]."""
+    out = []
+    for i, label in enumerate(labels):
+        tp = confusion[i][i]
+        predicted, support = sum(row[i] for row in confusion), sum(confusion[i])
+        precision, recall = tp / max(predicted, 1), tp / max(support, 1)
+        out.append({"label": label, "precision": precision, "recall": recall, "support": support,
+                    "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0})
+    return out
+
+
 def prefetch(batches: Iterable, device: torch.device) -> Iterator:
     """Yield `batches` (tensors, or tuples of tensors) on `device`, the next one's host-to-device copy started
     before the current one is used (pinned memory, non_blocking) so it overlaps the step on a GPU. On CPU it

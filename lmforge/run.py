@@ -394,6 +394,14 @@ class Run:
             self.lease = None
         return code
 
+    def release(self) -> None:
+        """This run folder is done and another run follows in the same launch (a distillation's no-KD baseline,
+        then the distillation): release the lease, keep the process group; a barrier."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        _engine().barrier()
+
     def leave(self) -> None:
         """Tear down the process group now, keeping the lease (rank 0 still has single-process work to do:
         nothing that could keep the other ranks waiting in a collective)."""

@@ -113,6 +113,17 @@ def folder_hash(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def vocabulary_hash(folder: Path) -> str:
+    """Identity of a tokenizer's vocabulary: sha256 over its tokenizer.json alone (vocab, merges, specials,
+    pipeline). Two models share a tokenizer when this agrees, whatever else their folders say (a fine-tuned
+    model's chat template or pad token live in tokenizer_config.json). Raises FileNotFoundError without one."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no tokenizer.json (a fast tokenizer's file); lmforge compares "
+                                "tokenizers by it")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------------------------------
 # Encoding
 
