@@ -366,7 +366,9 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
     if teacher is not None and teacher_eval is None:  # once per run: the score the student is measured against
         teacher_eval = evaluate(teacher, "teacher", None if lm else val) | (
             evaluate(teacher, "teacher_test", test) if test is not None else {})
-        run.say("teacher: " + loop.metrics_line(teacher_eval))
+        run.say("teacher: val " + loop.metrics_line({k: v for k, v in teacher_eval.items() if k.startswith("teacher/")})
+                + ("; test " + loop.metrics_line({k: v for k, v in teacher_eval.items() if k.startswith("teacher_test/")})
+                   if test is not None else ""))
     if step == 0:
         last_eval = first_eval = evaluate(engine, "val", None if lm else val)
         tracker.log(0, scores(last_eval) | scores(teacher_eval or {}))
@@ -471,8 +473,11 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
 
 def _report(cfg, run, lm, teacher_config, record, labels, pad_id, val, val_ids, test, dtype) -> None:
     """RUN_DIR/report.md, report.json and plots/report.png (rank 0, after the export)."""
+    from transformers.utils import logging as hf_logging
+
     from distill import report
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars of three small loads
     path = report.write(cfg, run.dir, lm, teacher_config, record.get("teacher_eval") or {}, labels, pad_id, val,
                         val_ids, test, run.dist.device, dtype)
     run.say(f"report: {path}\n" + report.headline(json.loads((run.dir / "report.json").read_text())))

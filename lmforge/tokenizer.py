@@ -114,14 +114,17 @@ def folder_hash(folder: Path) -> str:
 
 
 def vocabulary_hash(folder: Path) -> str:
-    """Identity of a tokenizer's vocabulary: sha256 over its tokenizer.json alone (vocab, merges, specials,
-    pipeline). Two models share a tokenizer when this agrees, whatever else their folders say (a fine-tuned
-    model's chat template or pad token live in tokenizer_config.json). Raises FileNotFoundError without one."""
+    """Identity of a tokenizer's vocabulary: sha256 over its tokenizer.json (vocab, merges, specials, pipeline),
+    parsed and written back canonically (a re-save that only reformats it is the same tokenizer), without the
+    truncation and padding settings (encoding options, not the vocabulary). Two models share a tokenizer when
+    this agrees, whatever else their folders say (a fine-tuned model's chat template or pad token live in
+    tokenizer_config.json). Raises FileNotFoundError without one."""
     path = Path(folder) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no tokenizer.json (a fast tokenizer's file); lmforge compares "
                                 "tokenizers by it")
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    content = {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k not in ("truncation", "padding")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -129,3 +129,23 @@ def word_tasks(root: Path, n: int = 96, seed: int = 0) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tasks_data(tmp_path_factory) -> dict[str, Path]:
     return word_tasks(tmp_path_factory.mktemp("tasks"))
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory, tiny_lm) -> Path:
+    """A classifier teacher over the word tasks' three labels (a fine-tuning run's final/ is one): tiny_lm's body
+    with a seeded head, saved with the tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, LlamaForSequenceClassification
+
+    out = tmp_path_factory.mktemp("cls") / "tiny-classifier"
+    shutil.copytree(tiny_lm, out, ignore=shutil.ignore_patterns("*.safetensors", "config.json", "generation_config.json"))
+    config = AutoConfig.from_pretrained(tiny_lm)
+    config.architectures = ["LlamaForSequenceClassification"]
+    config.num_labels, config.id2label = 3, {0: "alpha", 1: "beta", 2: "gamma"}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    torch.manual_seed(0)
+    LlamaForSequenceClassification.from_pretrained(tiny_lm, config=config).save_pretrained(out)
+    return out

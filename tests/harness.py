@@ -132,3 +132,30 @@ def finetune_config(path: Path, init_from: Path, run_dir: Path, kind: str, files
     for key, value in sections.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     return write_yaml(path, cfg)
+
+
+def distill_config(path: Path, teacher: Path, run_dir: Path, data: Path | None = None, files: dict | None = None,
+                   **sections) -> Path:
+    """A tiny distillation config: a language model on token shards `data`, or (with `files`, the word tasks of
+    tests/conftest.word_tasks) a classifier; the student is teacher layer 1 alone; `sections` override keys."""
+    cfg = {
+        "run_dir": str(run_dir),
+        "teacher": str(teacher),
+        "student": {"from_teacher": {"layers": [1]}},
+        "kd": {"alpha": 0.5, "temperature": 2.0},
+        "batch": {"micro_batch_size": 4, "global_batch_size": 8},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
+        "engine": {"deepspeed": str(ROOT / "configs" / "deepspeed" / "zero2.json"), "peak_flops": 1.0e11},
+        "train": {"max_steps": 6, "log_every": 1, "eval_every": 3, "save_every": 3},
+        "eval": {"windows": 8},
+        "report": {"speed_runs": 2},
+        "tracking": {"wandb": False, "plots": False},
+    }
+    if files is None:
+        cfg["data"] = {"path": str(data), "seq_len": 32}
+    else:
+        cfg["task"] = {"type": "classification", "max_length": 32}
+        cfg["examples"] = {s: str(files[f"cls_{s}"]) for s in ("train", "validation", "test")}
+    for key, value in sections.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    return write_yaml(path, cfg)
