@@ -28,12 +28,16 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The chain on the built-in corpus, on CPU: tokenize, pretrain the ~5 M-parameter demo model on 2 ranks
-# with ZeRO-2, then fine-tune it on both built-in tasks (minutes each). Rerunning skips what is finished.
+# with ZeRO-2, fine-tune it on both built-in tasks, then distill the pretrained model and the classifier into
+# half-depth students, each beside the same student trained without distillation (minutes each; the reports
+# are runs/demo/distill*/report.md). Rerunning skips what is finished.
 demo: setup
 	$(BIN)/lmforge tokenize configs/tokenize/demo.yaml
 	$(BIN)/torchrun --nproc_per_node=2 -m pretrain configs/pretrain/demo.yaml
 	$(BIN)/torchrun --nproc_per_node=2 -m finetune configs/finetune/demo.yaml
 	$(BIN)/torchrun --nproc_per_node=2 -m finetune configs/finetune/demo_sft.yaml
+	$(BIN)/torchrun --nproc_per_node=2 -m distill configs/distill/demo.yaml
+	$(BIN)/torchrun --nproc_per_node=2 -m distill configs/distill/demo_classifier.yaml
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from distill import losses
+from distill.cache import CacheError, TeacherCache, data_identity
 from distill.student import Projections, from_teacher, subset_config
 from lmforge import checkpoint as ckpt
 from lmforge.config import to_yaml
@@ -78,6 +79,7 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
     from lmforge.loss import lm_loss, token_loss
 
     lm, kd = cfg.data is not None, cfg.kd
+    cached = lm and cfg.data.cache is not None  # the teacher's top-k logits from `python -m distill.cache`
     alpha = 0.0 if baseline else kd.alpha
     run_dir = cfg.run_dir / "baseline" if baseline else cfg.run_dir
 
@@ -164,6 +166,10 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
                                      f"embeddings) to {student_config.num_hidden_layers} in the student and "
                                      f"{teacher_config.num_hidden_layers} in the teacher")
         teacher_id = {"config": ckpt.config_digest(teacher_config), "weights": ckpt.weights_digest(cfg.teacher)}
+        cache = None
+        if cached and not baseline:  # built by this teacher over these windows, or refused before any work
+            cache = TeacherCache(cfg.data.cache, seq_len)
+            cache.check(teacher_id, data_identity(meta, seq_len))
         if student_init is not None:
             init_identity = {"teacher": teacher_id, "layers": cfg.student.from_teacher.layers} \
                 if cfg.student.from_teacher else {"folder": str(student_init.resolve()),
@@ -171,12 +177,13 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
         facts = describe(student_config, seq_len)
         teacher_facts = describe(teacher_config, seq_len)
         plan = Plan.make(cfg.batch, cfg.engine, cfg.optim)
-    except (DataError, ModelError, ShardError, ckpt.CheckpointError, eng.EngineError, OSError) as e:
+    except (DataError, ModelError, ShardError, CacheError, ckpt.CheckpointError, eng.EngineError, OSError) as e:
         return fail(PROG, e), False
     micro, accum, global_batch, dtype, ds = plan.micro, plan.accum, plan.global_batch, plan.dtype, plan.ds
     max_steps = cfg.train.max_steps
     # MFU counts the teacher's forward too (a third of its training FLOPs per token)
-    flops_per_token = facts["flops_per_token"] + (teacher_facts["flops_per_token"] // 3 if alpha > 0 else 0)
+    flops_per_token = facts["flops_per_token"] + (teacher_facts["flops_per_token"] // 3 if alpha > 0 and not cached
+                                                  else 0)
     if dry_run:
         plan.dry_run(to_yaml(cfg), facts, student_config, seq_len, max_steps,
                      f"teacher {cfg.teacher} ({arch}, {human(teacher_facts['total'])} parameters, "
@@ -184,7 +191,8 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
         return 0, False
 
     # -- the run: process group, lease, the resume decision, checks before anything is overwritten ----------
-    kd_record = {**kd.model_dump(mode="json"), "alpha": alpha}
+    kd_record = {**kd.model_dump(mode="json"), "alpha": alpha,  # and where the teacher's distribution comes from
+                 "teacher_source": None if baseline else f"cache top-{cache.top_k}" if cache else "live"}
     shown = cfg.model_copy(update={"run_dir": run_dir, "kd": kd.model_copy(update={"alpha": alpha})})  # this run's
     try:
         run = Run.open(STAGE, run_dir, launched, cfg.engine.collective_timeout, cfg.train.lease_timeout, stops)
@@ -225,7 +233,7 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
     quiet = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a classifier's "newly initialized: score.weight" is the point, not a warning
     hf_logging.disable_progress_bar()  # one bar per rank for a load that takes a second
-    if not baseline:
+    if not baseline and not cached:
         teacher_ds = eng.frozen_config(ds) if cfg.teacher_zero3 else None
         with eng.model_context(teacher_ds or {}):
             teacher = eng.freeze(build(teacher_config, cfg.teacher, dtype=dtype), teacher_ds, device)
@@ -263,8 +271,8 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
     peak, peak_source = device_peak(device, dtype, cfg.engine.peak_flops)
     peak = eng.all_reduce_sum([peak], device)[0] / d.world
     run.say(f"{d.world} rank(s) on {device.type}, ZeRO-{plan.zero_stage} student, "
-            + ("no teacher" if teacher is None else "teacher " + ("partitioned (ZeRO-3)" if cfg.teacher_zero3
-                                                                else "on every device"))
+            + ("no teacher" if baseline else f"the teacher's top-{cache.top_k} logits from {cfg.data.cache}" if cached
+               else "teacher " + ("partitioned (ZeRO-3)" if cfg.teacher_zero3 else "on every device"))
             + f", {plan.precision}; kd alpha {alpha:g}, T {kd.temperature:g}, {kd.divergence}"
             + (f", hidden {kd.hidden.loss} on {pairs}" if pairs else "") + f"; global batch {global_batch} "
             f"{'sequences' if lm else 'examples'}; {max_steps} steps")
@@ -274,16 +282,24 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
     def step_batches() -> tuple[list, int]:
         """This rank's micro-batches of the step at `position` as (inputs, targets), and the step's tokens."""
         if lm:
-            rows = [sampler.batch(sampler.rank_positions(position, micro, accum, d.rank, d.world, m))
-                    for m in range(accum)]
+            positions = [sampler.rank_positions(position, micro, accum, d.rank, d.world, m) for m in range(accum)]
+            rows = [sampler.batch(p) for p in positions]
+            if cache is not None:  # the teacher's top-k at every input position of each row's window
+                taught = [cache.rows([sampler.window_at(q) for q in p]) for p in positions]
+                return [(x[:, :-1], x[:, 1:], *t) for x, t in zip(rows, taught, strict=True)], global_batch * seq_len
             return [(x[:, :-1], x[:, 1:]) for x in rows], global_batch * seq_len
         items = [order.item_at(p) for p in range(position, position + global_batch)]
         by_length = sorted(items, key=lambda i: len(train.ids[i]))  # length-grouped: far less padding
         return ([fd.batch(train, by_length[(m * d.world + d.rank) * micro:][:micro], pad_id, False)
                  for m in range(accum)], sum(len(train.ids[i]) for i in items))
 
-    def micro_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The micro-batch's loss, and the divergence from the teacher alone (None without a teacher)."""
+    def micro_loss(x: torch.Tensor, y: torch.Tensor, *top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The micro-batch's loss, and the divergence from the teacher alone (None without a teacher). `top`: the
+        cached teacher's top-k (indices, logits) at each position."""
+        if top:  # offline: the truncated teacher distribution, renormalised over its top-k
+            logits = engine(input_ids=x, use_cache=False).logits
+            soft = losses.topk_kd_loss(logits, top[0], top[1], kd.temperature)
+            return alpha * kd.temperature ** 2 * soft + (1 - alpha) * token_loss(logits, y), soft.detach()
         if teacher is None:  # the no-KD baseline: the task loss alone
             if lm:
                 return lm_loss(engine, x, y), None
@@ -363,6 +379,10 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
     last_eval: dict = {}
     tested: dict = {}
     first_eval = None
+    if cache is not None and teacher_eval is None:  # scored by the cache pass (it ran the teacher)
+        teacher_eval = {"teacher/loss": cache.meta["teacher_val_loss"], "teacher/ppl": cache.meta["teacher_val_ppl"]}
+        run.say(f"teacher (scored by distill.cache on {cache.meta.get('teacher_val_windows')} validation windows): "
+                + loop.metrics_line(teacher_eval))
     if teacher is not None and teacher_eval is None:  # once per run: the score the student is measured against
         teacher_eval = evaluate(teacher, "teacher", None if lm else val) | (
             evaluate(teacher, "teacher_test", test) if test is not None else {})
@@ -383,8 +403,8 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
                                        cfg.optim.schedule, cfg.optim.decay_fraction))
         batches, step_tokens = step_batches()
         soft_sum = torch.zeros((), device=device)
-        for x, y in loop.prefetch(batches, device):
-            loss, soft = micro_loss(x, y)
+        for batch in loop.prefetch(batches, device):
+            loss, soft = micro_loss(*batch)
             stepper.backward(loss)
             if soft is not None:
                 soft_sum += soft / accum
@@ -406,7 +426,7 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
             logged.update({"train/loss": window.reduce(), "train/lr": lr, "train/grad_norm": norm,
                            "train/tokens_per_s": rate["tokens_per_s"], "train/mfu": rate["mfu"],
                            "train/tokens": tokens_seen, **loop.memory(device)}
-                          | ({"train/divergence": divergence} if teacher is not None else {}))
+                          | ({"train/divergence": divergence} if not baseline else {}))
             run.say(loop.status(step, max_steps, logged, duration((max_steps - step) * rate["step_seconds"])))
         if step % cfg.train.eval_every == 0 or step == max_steps:
             last_eval = evaluate(engine, "val", None if lm else val)
@@ -436,6 +456,8 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
     with torch.no_grad():
         engine_logits = engine(input_ids=probe.to(device), use_cache=False).logits.float().cpu()
     engine = model = stepper = teacher = None  # their memory goes before rank 0 reloads the export
+    if cache is not None:
+        cache.close()
     tracker.finish()
     summary = {"steps": step, "tokens": tokens_seen, "seconds": round(elapsed, 2),
                "tokens_per_s": round((tokens_seen - start_tokens) / max(elapsed, 1e-9), 1), "world_size": d.world,

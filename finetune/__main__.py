@@ -226,12 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 gathered = {k: v for part in eng.gather_objects(answers) for k, v in part.items()}
                 out[f"{prefix}/answers"] = [gathered[i] for i in sorted(gathered)]  # summary.json: what was scored
         else:
-            confusion = sums[2:2 + classes * classes].view(classes, classes)  # [truth, prediction]
-            tp = confusion.diag()
-            f1 = 2 * tp / (confusion.sum(0) + confusion.sum(1)).clamp(min=1)
-            present = (confusion.sum(0) + confusion.sum(1)) > 0
-            out |= {f"{prefix}/accuracy": float(tp.sum() / confusion.sum()),
-                    f"{prefix}/macro_f1": float(f1[present].mean()), f"{prefix}/confusion": confusion.long().tolist()}
+            out |= loop.classification_scores(sums[2:2 + classes * classes].view(classes, classes), prefix)
         return out
 
     def scalars(metrics: dict) -> dict:
@@ -364,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
     if not sft:  # the per-class report and the confusion matrix of the last scored split
         scored, split = (tested, "test") if tested else (last_eval, "val")
-        report = per_class(scored[f"{split}/confusion"], labels)
+        report = loop.per_class(scored[f"{split}/confusion"], labels)
         if cfg.tracking.plots:
             plot_confusion(scored[f"{split}/confusion"], labels, run.dir / "plots" / "confusion.png",
                            f"{split} split, step {step}")
@@ -375,18 +370,6 @@ def main(argv: list[str] | None = None) -> int:
             + (f"; test {loop.metrics_line(tested)}" if tested else "")
             + f"\n[{STAGE}] Hugging Face model: {run.dir / 'final'} (logits match the engine's to {diff:.1e})")
     return run.close(0)
-
-
-def per_class(confusion: list[list[int]], labels: list) -> list[dict]:
-    """Precision, recall, F1 and support of each class from a confusion matrix [truth][prediction]."""
-    out = []
-    for i, label in enumerate(labels):
-        tp = confusion[i][i]
-        predicted, support = sum(row[i] for row in confusion), sum(confusion[i])
-        precision, recall = tp / max(predicted, 1), tp / max(support, 1)
-        out.append({"label": label, "precision": precision, "recall": recall, "support": support,
-                    "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0})
-    return out
 
 
 if __name__ == "__main__":

@@ -135,9 +135,10 @@ def finetune_config(path: Path, init_from: Path, run_dir: Path, kind: str, files
 
 
 def distill_config(path: Path, teacher: Path, run_dir: Path, data: Path | None = None, files: dict | None = None,
-                   **sections) -> Path:
-    """A tiny distillation config: a language model on token shards `data`, or (with `files`, the word tasks of
-    tests/conftest.word_tasks) a classifier; the student is teacher layer 1 alone; `sections` override keys."""
+                   cache: Path | None = None, **sections) -> Path:
+    """A tiny distillation config: a language model on token shards `data` (with the teacher's top-k from `cache`,
+    a `distill.cache` folder), or (with `files`, the word tasks of tests/conftest.word_tasks) a classifier; the
+    student is teacher layer 1 alone; `sections` override keys."""
     cfg = {
         "run_dir": str(run_dir),
         "teacher": str(teacher),
@@ -152,10 +153,11 @@ def distill_config(path: Path, teacher: Path, run_dir: Path, data: Path | None =
         "tracking": {"wandb": False, "plots": False},
     }
     if files is None:
-        cfg["data"] = {"path": str(data), "seq_len": 32}
+        cfg["data"] = {"path": str(data), "seq_len": 32} | ({"cache": str(cache)} if cache else {})
     else:
         cfg["task"] = {"type": "classification", "max_length": 32}
         cfg["examples"] = {s: str(files[f"cls_{s}"]) for s in ("train", "validation", "test")}
-    for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    for key, value in sections.items():  # a section is merged into the default, but a student replaces it
+        mergeable = isinstance(value, dict) and isinstance(cfg.get(key), dict) and key != "student"
+        cfg[key] = {**cfg[key], **value} if mergeable else value
     return write_yaml(path, cfg)

@@ -28,7 +28,7 @@ def parse_command(prog: str, schema: type[M], argv: Sequence[str] | None, descri
                         help="print the fully resolved config and exit without doing any work")
     for flag, kwargs in (extra or {}).items():
         parser.add_argument(flag, **kwargs)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `CONFIG --dry-run key=value` as well as `CONFIG key=value --dry-run`
     try:
         config = load_config(args.config, schema, args.overrides)
     except ConfigError as e:

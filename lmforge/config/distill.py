@@ -1,5 +1,6 @@
 """Schema of `python -m distill`: the teacher, the student, the KD loss, the data
-(token shards for a language model, a task's examples for a classifier), the loop and the report."""
+(token shards for a language model, a task's examples for a classifier), the loop and the report; and of
+`python -m distill.cache`, which writes a teacher's top-k logits over token shards once (offline distillation)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,36 @@ from lmforge.config.finetune import FinetuneDataConfig, TaskConfig
 from lmforge.config.model import ModelConfig
 from lmforge.config.pretrain import BatchConfig, DataConfig, EngineConfig, OptimConfig, TrainConfig
 from lmforge.config.tracking import TrackingConfig
+
+
+class CacheConfig(StrictModel):
+    """`python -m distill.cache`: a teacher's top-k logits at every input position of the train split's windows."""
+
+    teacher: Path
+    """The teacher: a Hugging Face causal LM folder (a pretraining run's final/, or any local HF model)."""
+    data: DataConfig
+    """Token shards (written with the teacher's tokenizer) and the student's seq_len: the windows it trains on."""
+    out_dir: Path
+    """The cache folder: meta.json (written last: complete), train/shard-NNNNN.idx and .val."""
+    top_k: int = Field(64, ge=1)
+    """Logits kept per position, the largest (64 at uint16 + fp16: 256 bytes per token)."""
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    """How the kept logits are stored: fp16 (2 bytes), bf16 (2 bytes, stored as its uint16 bits) or fp32 (4)."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Windows per teacher forward."""
+    windows_per_shard: int = Field(1024, ge=1)
+    """Windows per cache file pair (a rank writes whole shards; a rerun redoes only the missing ones)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """The teacher's forward dtype: auto is bf16 on a GPU with native bf16, fp32 elsewhere."""
+    progress: bool = True
+    """Show a progress bar (rank 0)."""
+
+
+class DistillDataConfig(DataConfig):
+    """Token shards written by `lmforge tokenize` (with the teacher's tokenizer), optionally with a teacher cache."""
+
+    cache: Path | None = None
+    """A folder written by `python -m distill.cache` (the teacher's top-k logits): train without the teacher in memory."""
 
 
 class FromTeacher(StrictModel):
@@ -110,8 +141,8 @@ class DistillConfig(StrictModel):
     """The student."""
     kd: KDConfig = Field(default_factory=KDConfig)
     """The distillation loss."""
-    data: DataConfig | None = None
-    """Language models: token shards (the teacher is a causal LM)."""
+    data: DistillDataConfig | None = None
+    """Language models: token shards (the teacher is a causal LM), and optionally its cached top-k logits."""
     task: TaskConfig | None = None
     """Classifiers: the task (type classification; the teacher is a fine-tuned classifier's folder)."""
     examples: FinetuneDataConfig | None = None
@@ -146,5 +177,16 @@ class DistillConfig(StrictModel):
                 raise ValueError("kd.hidden is for language models; leave it out for a classifier")
         elif self.task is not None:
             raise ValueError("`task` goes with `examples` (classifier distillation); token shards need none")
+        if self.data is not None and self.data.cache is not None:
+            if self.kd.divergence != "forward":
+                raise ValueError(f"data.cache: kd.divergence {self.kd.divergence} cannot use a cache: it holds the "
+                                 "teacher's top-k logits only, and reverse KL and JSD need the whole distribution: "
+                                 "use the live teacher (remove data.cache) or kd.divergence=forward")
+            if self.kd.hidden is not None:
+                raise ValueError("data.cache: kd.hidden needs the teacher's hidden states, which the cache does not "
+                                 "hold; remove kd.hidden, or use the live teacher (remove data.cache)")
+            if self.teacher_zero3:
+                raise ValueError("data.cache: teacher_zero3 partitions a live teacher; with a cache no teacher is "
+                                 "loaded: remove teacher_zero3")
         return self
 

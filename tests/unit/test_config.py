@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from lmforge.config import ConfigError, load_config, save_config
+from lmforge.config.distill import DistillConfig
 from lmforge.config.finetune import FinetuneConfig
 from lmforge.config.model import ModelConfig
 from lmforge.config.pretrain import EngineConfig, PretrainConfig
@@ -155,6 +156,14 @@ def test_dry_run_prints_resolved_config_and_does_no_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_goes_before_or_after_the_overrides(tmp_path, capsys):
+    """`CONFIG --dry-run key=value` as well as `CONFIG key=value --dry-run` (argparse's plain parse refuses the first)."""
+    path = write(tmp_path, "c.yaml", BASE.replace("out_dir: out", f"out_dir: {tmp_path / 'out'}"))
+    assert tokenize.main([str(path), "--dry-run", "workers=5", "split.val_fraction=0.2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["workers"] == 5 and printed["split"]["val_fraction"] == 0.2
+
+
 def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
     path = write(tmp_path, "c.yaml", BASE)
     with pytest.raises(SystemExit) as info:
@@ -164,7 +173,8 @@ def test_bad_config_exits_2_naming_the_key(tmp_path, capsys):
 
 
 # Every shipped config is loaded and validated. A new folder under configs/ must be mapped here.
-SCHEMAS = {"tokenize": TokenizeConfig, "model": ModelConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
+SCHEMAS = {"tokenize": TokenizeConfig, "model": ModelConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig,
+           "distill": DistillConfig}
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
 DEEPSPEED = sorted((ROOT / "configs" / "deepspeed").glob("*.json"))
 
@@ -185,5 +195,5 @@ def test_shipped_deepspeed_json_holds_zero_settings_only(path):
 
 def test_there_are_shipped_configs():
     folders = {p.parent.name for p in SHIPPED}
-    assert {"tokenize", "model", "pretrain", "finetune"} <= folders
+    assert {"tokenize", "model", "pretrain", "finetune", "distill"} <= folders
     assert {p.stem for p in DEEPSPEED} >= {"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"}

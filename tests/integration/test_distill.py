@@ -1,0 +1,74 @@
+"""`python -m distill` as a user runs it, one process: a student narrower than the teacher learns the teacher's
+hidden states through a projection that is not exported; `--dry-run`; and every bad input is a clear error before
+any work (a teacher folder that is not a model, another tokenizer, a layer out of range, the wrong kind of teacher)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from tests.conftest import word_tasks
+from tests.harness import ROOT, distill_config, launch
+
+
+def test_a_narrower_student_learns_hidden_states_through_a_projection_left_out_of_the_export(tmp_path, tiny_lm,
+                                                                                         tiny_data):
+    cfg = distill_config(tmp_path / "d.yaml", tiny_lm, tmp_path / "run", tiny_data,
+                         student={"model": {"family": "llama", "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                                            "intermediate_size": 32, "max_seq_len": 64}},
+                         kd={"divergence": "jsd", "beta": 0.3, "hidden": {"pairs": [[1, 2]], "loss": "mse"}},
+                         train={"max_steps": 4, "eval_every": 2, "save_every": 2})
+    proc = launch("distill", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hidden mse on [(1, 2)]" in proc.stdout and "jsd" in proc.stdout
+    from safetensors.torch import load_file
+
+    names = load_file(str(tmp_path / "run" / "final" / "model.safetensors")).keys()
+    assert names and not any("distill_projections" in n for n in names)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "run" / "checkpoints"), tag="step-00000004")
+    assert tuple(saved["distill_projections.maps.0.weight"].shape) == (32, 16)  # trained and checkpointed
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["hidden_size"] == 16 and config["vocab_size"] == 512
+
+
+def test_dry_run_prints_the_config_and_the_student_without_work(tmp_path, tiny_lm, tiny_data):
+    cfg = distill_config(tmp_path / "d.yaml", tiny_lm, tmp_path / "run", tiny_data)
+    proc = launch("distill", cfg, "--dry-run", "kd.temperature=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "temperature: 4.0" in proc.stdout and "# DeepSpeed config" in proc.stdout
+    assert f"teacher {tiny_lm} (LlamaForCausalLM" in proc.stdout and "student 1 layers" in proc.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_is_refused_before_any_work(tmp_path, tiny_lm, tiny_data, tiny_classifier, tiny_tokenizer):
+    files = word_tasks(tmp_path / "tasks")
+    other_tokenizer = tmp_path / "other-teacher"
+    shutil.copytree(tiny_lm, other_tokenizer)
+    data = json.loads((other_tokenizer / "tokenizer.json").read_text())
+    data["added_tokens"].append({**data["added_tokens"][-1], "id": 511, "content": "<|other|>"})
+    (other_tokenizer / "tokenizer.json").write_text(json.dumps(data))
+    cases = {
+        "not-a-model": (dict(teacher=tmp_path), "is not a Hugging Face model folder (no config.json)"),
+        "tokenizer": (dict(teacher=other_tokenizer), "made with another tokenizer than the teacher"),
+        "layer": (dict(student={"from_teacher": {"layers": [0, 5]}}), "[5] out of range; the teacher"),
+        "classifier-teacher-for-shards": (dict(teacher=tiny_classifier), "holds a LlamaForSequenceClassification"),
+        "lm-teacher-for-a-task": (dict(files=files), "distil a fine-tuned classifier"),
+        "hidden-pair": (dict(kd={"hidden": {"pairs": [[3, 1]]}}), "kd.hidden.pairs: [3, 1] is out of range"),
+    }
+    for name, (change, message) in cases.items():
+        args = {"teacher": tiny_lm, "data": tiny_data, **change}
+        if "files" in args:
+            args.pop("data")
+        teacher = args.pop("teacher")
+        cfg = distill_config(tmp_path / f"{name}.yaml", teacher, tmp_path / name, **args)
+        proc = launch("distill", cfg, env={"DS_ACCELERATOR": "cpu"})
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
+        assert not (tmp_path / name).exists(), name  # nothing written
+    # a config mistake names the key
+    cfg = distill_config(tmp_path / "typo.yaml", tiny_lm, tmp_path / "typo", tiny_data, kd={"temprature": 2})
+    proc = launch("distill", cfg)
+    assert proc.returncode == 2 and "kd.temprature" in proc.stderr, proc.stderr[-2000:]
+    assert str(ROOT)  # (the harness runs from the repo root)
