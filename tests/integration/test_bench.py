@@ -82,3 +82,27 @@ def test_child_launch_runs_the_child_writes_rank_0_result_and_never_returns(tmp_
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     proc = run()
     assert proc.returncode == 0 and "parent code ran, child: None" in proc.stdout
+
+
+def test_distill_benchmark_smoke_run_reports_every_figure_and_leaves_the_table(tmp_path):
+    """bench/distill.py --smoke: both distillations with their baselines, the cache pass and the offline/live pair
+    run end to end on tiny models, and the BENCHMARKS.md section renders from what it recorded."""
+    before = (ROOT / "BENCHMARKS.md").read_text()
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "distill.py"), "--smoke", "--out", str(tmp_path / "out"),
+                          "--work", str(tmp_path / "work")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "distill.json").read_text())
+    assert report["lm"]["report"]["kind"] == "language-model" and report["classifier"]["report"]["kind"] == "classifier"
+    for kind in ("lm", "classifier"):
+        assert set(report[kind]["report"]["models"]) == {"teacher", "student", "baseline"}
+        assert report[kind]["baseline_val_curve"] and report[kind]["val_curve"]
+    tp = report["throughput"]
+    assert tp["cache"]["bytes_per_token"] == 64 * (2 + 2)  # top-64, uint16 indices and fp16 values
+    assert tp["live"]["tokens_per_s"] > 0 and tp["offline"]["tokens_per_s"] > 0 and tp["offline_over_live"] > 0
+    sys.path.insert(0, str(ROOT))
+    from bench.distill import BEGIN, END, table
+
+    section = table(report)
+    assert section.startswith(BEGIN) and section.endswith(END) and "256 bytes per token" in section
+    assert (ROOT / "BENCHMARKS.md").read_text() == before  # a smoke run never writes the recorded table
