@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lmforge.config import ConfigError, load_config, save_config
-from lmforge.config.distill import DistillConfig
+from lmforge.config.distill import CacheConfig, DistillConfig
 from lmforge.config.finetune import FinetuneConfig
 from lmforge.config.model import ModelConfig
 from lmforge.config.pretrain import EngineConfig, PretrainConfig
@@ -184,7 +184,7 @@ def test_shipped_config_is_valid(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # shipped configs name files relative to the repository root, as the README runs them
     kind = path.relative_to(ROOT / "configs").parts[0]
     assert kind in SCHEMAS, f"{path}: no schema registered for configs/{kind}/ in this test"
-    load_config(path, SCHEMAS[kind])
+    load_config(path, CacheConfig if kind == "distill" and path.stem.startswith("cache") else SCHEMAS[kind])
 
 
 @pytest.mark.parametrize("path", DEEPSPEED, ids=[p.name for p in DEEPSPEED])
