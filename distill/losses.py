@@ -26,9 +26,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Elements per fp32 temporary of a block (2 MiB): rows per block = BLOCK_ELEMENTS // vocab (Llama 3: 4 rows,
-# GPT-2: 10), so a block stays in a core's L2 cache; see `lmforge.loss.BLOCK_ELEMENTS` for the measurements.
+# Elements per fp32 temporary of a block on CPU (2 MiB): rows per block = BLOCK_ELEMENTS // vocab (Llama 3: 4
+# rows, GPT-2: 10), so a block stays in a core's L2 cache; see `lmforge.loss.BLOCK_ELEMENTS` for the measurements.
 BLOCK_ELEMENTS = 1 << 19
+# On a GPU a block is a few kernel launches whatever its size, so blocks are large: 2^24 elements (64 MiB per fp32
+# temporary, ~5 of them live) is 130 rows at Llama 3's 128k vocabulary, 126 blocks for micro 4 x seq 4096 (the
+# CPU size would be 4,096 blocks of ~20 launches each: more time in launches than in the student's step).
+BLOCK_ELEMENTS_GPU = 1 << 24
+
+
+def block_rows(vocab: int, device: torch.device) -> int:
+    """Rows of [rows, vocab] logits per block on `device`."""
+    return max(1, (BLOCK_ELEMENTS if device.type == "cpu" else BLOCK_ELEMENTS_GPU) // vocab)
 
 KINDS = ("forward", "reverse", "jsd")
 
@@ -197,7 +206,7 @@ class _KDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, valid, temperature, kind, beta, need_grad):
         rows, vocab = student.shape
-        block = max(1, BLOCK_ELEMENTS // vocab)
+        block = block_rows(vocab, student.device)
         count = valid.sum()
         # mean: each counted row's gradient is 1 / count, over T from the chain rule through z / T
         row_scale = valid.float() / (count.clamp(min=1).float() * temperature)
@@ -247,7 +256,7 @@ class _TopKKDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, indices, values, valid, temperature, need_grad):
         rows, vocab = student.shape
-        block = max(1, BLOCK_ELEMENTS // vocab)
+        block = block_rows(vocab, student.device)
         count = valid.sum()
         row_scale = valid.float() / (count.clamp(min=1).float() * temperature)
         total = torch.zeros((), dtype=torch.float32, device=student.device)

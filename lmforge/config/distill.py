@@ -76,7 +76,8 @@ class HiddenLossConfig(StrictModel):
     """A loss between hidden states (DistilBERT's cosine term), on chosen layer pairs."""
 
     pairs: list[tuple[int, int]] = Field(min_length=1)
-    """[student, teacher] hidden-state indices (0: the embeddings, i: the output of layer i), e.g. [[2, 4]]."""
+    """[student, teacher] hidden-state indices (0: the embeddings, i: layer i's output; the last is after the final
+    norm, the others before it: pair last with last), e.g. [[2, 4]]."""
     loss: Literal["cosine", "mse"] = "cosine"
     """cosine: 1 - cos(student, teacher) per token; mse: mean squared difference."""
     weight: float = Field(1.0, gt=0)

@@ -78,7 +78,7 @@ def test_offline_distillation_resumes_bit_for_bit_and_refuses_a_cache_of_another
 
     from ..harness import distill_config
 
-    common = {"cache": one_rank, "eval": {"windows": 4}}
+    common = {"cache": one_rank, "eval": {"windows": 64}}  # the 10 windows of the slice's val split, as the cache
     straight = distill_config(tmp_path / "a.yaml", tiny_lm, tmp_path / "straight", small, **common)
     done = launch("distill", straight, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -103,4 +103,19 @@ def test_offline_distillation_resumes_bit_for_bit_and_refuses_a_cache_of_another
     cfg = distill_config(tmp_path / "o.yaml", other, tmp_path / "other", small, **common)
     refused = launch("distill", cfg)
     assert refused.returncode == 2 and "another teacher" in refused.stderr, refused.stderr[-2000:]
-    assert not (tmp_path / "other").exists()
+    assert not (tmp_path / "other" / "checkpoints").exists() and not (tmp_path / "other" / "final").exists()
+    # the student scored on other validation windows than the teacher: refused, with the setting to use
+    cfg = distill_config(tmp_path / "w.yaml", tiny_lm, tmp_path / "windows", small, cache=one_rank, eval={"windows": 4})
+    refused = launch("distill", cfg)
+    assert refused.returncode == 2 and "set eval.windows=10" in refused.stderr, refused.stderr[-2000:]
+    # a damaged shard stops the run before any step, on every rank
+    victim = sorted((one_rank / "train").glob("*.val"))[-1]
+    saved = victim.read_bytes()
+    victim.write_bytes(saved[:-2])
+    try:
+        cfg = distill_config(tmp_path / "d.yaml", tiny_lm, tmp_path / "damaged", small, **common)
+        refused = launch("distill", cfg, nproc=2)
+        assert refused.returncode != 0 and f"{victim}: expected" in refused.stderr, refused.stderr[-2000:]
+        assert not (tmp_path / "damaged" / "checkpoints").exists()
+    finally:
+        victim.write_bytes(saved)

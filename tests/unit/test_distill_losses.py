@@ -400,3 +400,10 @@ def test_class_kd_loss_matches_kl_div(temperature):
     torch.testing.assert_close(got_grad, want_grad)
     with pytest.raises(ValueError, match="batch, classes"):
         class_kd_loss(student.unsqueeze(0), teacher.unsqueeze(0))
+
+
+def test_blocks_are_cache_sized_on_cpu_and_large_on_a_gpu():
+    """4 rows of Llama 3's vocabulary per block on CPU (L2-sized), ~130 on a GPU (launch-bound otherwise)."""
+    assert losses.block_rows(128_256, torch.device("cpu")) == 4
+    assert losses.block_rows(128_256, torch.device("cuda")) == 130
+    assert losses.block_rows(10 ** 9, torch.device("cuda")) == 1
