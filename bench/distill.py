@@ -203,7 +203,8 @@ def main() -> int:
 
     cache_cfg.write_text(yaml.safe_dump({"teacher": str(lm_teacher), "data": {"path": str(sliced), "seq_len": seq_len},
                                          "out_dir": str(cache_dir), "top_k": 64, "dtype": "fp16",
-                                         "micro_batch_size": 8, "windows_per_shard": 256, "progress": False}))
+                                         "micro_batch_size": 8, "windows_per_shard": 256, "progress": False,
+                                         "eval_windows": 4 if args.smoke else 32}))  # the distillation's eval.windows
     print(f"[bench] distill.cache over {args.cache_windows} windows ...", flush=True)
     cache_seconds = torchrun("cache", ["-m", "distill.cache", str(cache_cfg)], work / "logs", timeout)
     cache_meta = json.loads((cache_dir / "meta.json").read_text())

@@ -62,7 +62,6 @@ from lmforge.tokenizer import vocabulary_hash
 
 PROG = "python -m distill.cache"
 STAGE = "distill.cache"
-EVAL_WINDOWS = 64  # validation windows the teacher's own perplexity is measured on (as distill's eval.windows)
 COLLECTIVE_TIMEOUT = 1800.0  # seconds a rank waits for the slowest at the end (its share of the shards)
 
 # --------------------------------------------------------------------------------------------------
@@ -138,7 +137,7 @@ def plan(cfg: CacheConfig) -> Plan:
     if windows < 1:
         raise ShardError(f"{cfg.data.path}: the train split has {train.num_tokens:,} tokens, fewer than one window "
                          f"of data.seq_len + 1 = {seq_len + 1}; use more data or a shorter seq_len")
-    eval_ids = eval_windows(val, seq_len, EVAL_WINDOWS)
+    eval_ids = eval_windows(val, seq_len, cfg.eval_windows)
     teacher_id = {"config": ckpt.config_digest(config), "weights": ckpt.weights_digest(cfg.teacher)}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = eng.resolve_precision(cfg.precision, device)
