@@ -369,6 +369,7 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
         return {"samples": position, "tokens": tokens_seen, "max_steps": max_steps, "zero_stage": plan.zero_stage,
                 "global_batch_size": global_batch, "seed": cfg.train.seed, "dtype": plan.precision,
                 "model_digest": ckpt.config_digest(student_config), "data_digest": data_digest, "kd": kd_record,
+                "seq_len": seq_len, "task": cfg.task.model_dump(mode="json") if cfg.task else None,
                 "teacher": None if baseline else teacher_id, "student_init": init_identity,
                 "teacher_eval": teacher_eval, "last_eval": scores(last_eval), "tested": scores(tested),
                 "export_skips": [Projections.PREFIX], "wandb_id": tracker.run_id, "skipped_steps": health.skipped,
