@@ -5,6 +5,7 @@ any work (a teacher folder that is not a model, another tokenizer, a layer out o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -33,6 +34,15 @@ def test_a_narrower_student_learns_hidden_states_through_a_projection_left_out_o
     assert tuple(saved["distill_projections.maps.0.weight"].shape) == (32, 16)  # trained and checkpointed
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["hidden_size"] == 16 and config["vocab_size"] == 512
+    # `lmforge export` of a checkpoint leaves the projection out too (the checkpoint's record says what to skip)
+    import subprocess
+    import sys
+
+    exported = subprocess.run([sys.executable, "-m", "lmforge.cli", "export", str(tmp_path / "run"),
+                               str(tmp_path / "export")], capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)})
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert load_file(str(tmp_path / "export" / "model.safetensors")).keys() == names
 
 
 def test_dry_run_prints_the_config_and_the_student_without_work(tmp_path, tiny_lm, tiny_data):
@@ -73,7 +83,6 @@ def test_bad_input_is_refused_before_any_work(tmp_path, tiny_lm, tiny_data, tiny
     cfg = distill_config(tmp_path / "typo.yaml", tiny_lm, tmp_path / "typo", tiny_data, kd={"temprature": 2})
     proc = launch("distill", cfg)
     assert proc.returncode == 2 and "kd.temprature" in proc.stderr, proc.stderr[-2000:]
-    assert str(ROOT)  # (the harness runs from the repo root)
 
 
 def test_the_first_step_loss_is_alpha_t2_kl_plus_the_rest_cross_entropy(tmp_path, tiny_lm, tiny_data):
