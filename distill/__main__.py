@@ -152,6 +152,11 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
                                      f"embeddings) to {student_config.num_hidden_layers} in the student and "
                                      f"{teacher_config.num_hidden_layers} in the teacher")
         cache = TeacherCache(cfg.data.cache, seq_len) if cached and not baseline else None  # reads its meta.json
+        if cache is not None and cache.meta["temperature"] != kd.temperature:
+            raise CacheError(f"{cfg.data.cache} keeps the teacher's normaliser at temperature "
+                             f"{cache.meta['temperature']:g}, this run distils at kd.temperature={kd.temperature:g}: set "
+                             f"kd.temperature={cache.meta['temperature']:g}, or write a cache with temperature: "
+                             f"{kd.temperature:g}")
         if cache is not None and len(val_ids) != cache.meta.get("teacher_val_windows"):
             raise CacheError(f"{cfg.data.cache} scored the teacher on {cache.meta.get('teacher_val_windows')} "
                              f"validation windows and eval.windows gives the student {len(val_ids)}: set "
@@ -295,7 +300,8 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
             positions = [sampler.rank_positions(position, micro, accum, d.rank, d.world, m) for m in range(accum)]
             rows = [sampler.batch(p) for p in positions]
             if cache is not None:  # the teacher's top-k at every input position of each row's window
-                taught = [cache.rows([sampler.window_at(q) for q in p]) for p in positions]
+                windows = [[sampler.window_at(q) for q in p] for p in positions]
+                taught = [(*cache.rows(w), cache.lse(w)) for w in windows]
                 return [(x[:, :-1], x[:, 1:], *t) for x, t in zip(rows, taught, strict=True)], global_batch * seq_len
             return [(x[:, :-1], x[:, 1:]) for x in rows], global_batch * seq_len
         items = [order.item_at(p) for p in range(position, position + global_batch)]
@@ -305,10 +311,10 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
 
     def micro_loss(x: torch.Tensor, y: torch.Tensor, *top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The micro-batch's loss, and the divergence from the teacher alone (None without a teacher). `top`: the
-        cached teacher's top-k (indices, logits) at each position."""
-        if top:  # offline: the truncated teacher distribution, renormalised over its top-k
+        cached teacher's top-k (indices, logits) and log-normaliser at each position."""
+        if top:  # offline: the exact KL over the teacher's top-k and the rest of its mass
             logits = engine(input_ids=x, use_cache=False).logits
-            soft = losses.topk_kd_loss(logits, top[0], top[1], kd.temperature)
+            soft = losses.topk_kd_loss(logits, top[0], top[1], kd.temperature, teacher_lse=top[2])
             return alpha * kd.temperature ** 2 * soft + (
                 (1 - alpha) * token_loss(logits, y) if alpha < 1 else 0.0), soft.detach()
         if teacher is None:  # the no-KD baseline: the task loss alone

@@ -13,6 +13,7 @@ tokens are the inputs), the `top_k` largest logits at every input position; `pyt
     OUT_DIR/train/shard-NNNNN.idx   token ids, [windows, seq_len, top_k] row-major, little-endian uint16
                                     (vocab <= 65,536) or int32
     OUT_DIR/train/shard-NNNNN.val   their logits, same shape: fp16, bf16 (its uint16 bits) or fp32
+    OUT_DIR/train/shard-NNNNN.lse   log sum exp(logits / temperature) per position, [windows, seq_len] float32
 
 Shard s holds windows [s x windows_per_shard, (s + 1) x windows_per_shard); the shards left to write are dealt
 out to the ranks in turn (the i-th to rank i mod world); each
@@ -41,6 +42,8 @@ import torch
 
 from distill.teacher_cache import (
     FORMAT,
+    KINDS,
+    LSE_DTYPE,
     SPLIT,
     VALUE_DTYPES,
     CacheError,
@@ -87,17 +90,18 @@ class Plan:
 
     @property
     def bytes_per_token(self) -> int:
-        return (self.index_dtype.itemsize + self.value_dtype.itemsize) * self.k
+        return (self.index_dtype.itemsize + self.value_dtype.itemsize) * self.k + LSE_DTYPE.itemsize
 
     def identity(self, cfg: CacheConfig) -> dict:
         return {"teacher": self.teacher_id, "data": data_identity(self.data_meta, cfg.data.seq_len),
                 "seq_len": cfg.data.seq_len, "top_k": cfg.top_k, "dtype": cfg.dtype,
-                "windows_per_shard": cfg.windows_per_shard}
+                "windows_per_shard": cfg.windows_per_shard, "temperature": cfg.temperature}
 
-    def shard_bytes(self, cfg: CacheConfig, shard: int) -> tuple[int, int]:
-        """The sizes of shard `shard`'s .idx and .val files."""
-        values = len(shard_windows(shard, self.windows, cfg.windows_per_shard)) * cfg.data.seq_len * cfg.top_k
-        return values * self.index_dtype.itemsize, values * self.value_dtype.itemsize
+    def shard_bytes(self, cfg: CacheConfig, shard: int) -> tuple[int, int, int]:
+        """The sizes of shard `shard`'s .idx, .val and .lse files."""
+        positions = len(shard_windows(shard, self.windows, cfg.windows_per_shard)) * cfg.data.seq_len
+        return (positions * cfg.top_k * self.index_dtype.itemsize, positions * cfg.top_k * self.value_dtype.itemsize,
+                positions * LSE_DTYPE.itemsize)
 
 
 def plan(cfg: CacheConfig) -> Plan:
@@ -193,7 +197,7 @@ def _folder_state(cfg: CacheConfig, p: Plan) -> tuple[bool, list[int]]:
     (out / SPLIT).mkdir(exist_ok=True)
     sizes = {e.name: e.stat().st_size for e in os.scandir(out / SPLIT) if e.is_file()}  # one listing, no stat storm
     return False, [s for s in range(p.shards)
-                   if (sizes.get(f"{shard_name(s)}.idx"), sizes.get(f"{shard_name(s)}.val")) == p.shard_bytes(cfg, s)]
+                   if tuple(sizes.get(f"{shard_name(s)}.{kind}") for kind in KINDS) == p.shard_bytes(cfg, s)]
 
 
 def _collective(fn, *args):
@@ -238,6 +242,17 @@ class _Partial:
     def abort(self) -> None:
         self.file.close()
         Path(self.file.name).unlink(missing_ok=True)
+
+
+def _log_normaliser(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log sum exp(logits / T) over the vocabulary per position, fp32, a block of rows at a time (an fp32 copy of
+    a micro-batch's logits would be 16 GB at 8 x 4,096 x 128k)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    rows = max(1, (1 << 24) // flat.shape[1])
+    for start in range(0, flat.shape[0], rows):
+        out[start:start + rows] = torch.logsumexp(flat[start:start + rows].float() / temperature, dim=-1)
+    return out.view(logits.shape[:-1])
 
 
 def _store_values(values: torch.Tensor, kind: str) -> np.ndarray:
@@ -292,7 +307,7 @@ def write(cfg: CacheConfig, p: Plan, summary: str, launched: float) -> int:
     started = time.perf_counter()
     with torch.inference_mode():
         for shard in mine:
-            files = [_Partial(out / SPLIT / f"{shard_name(shard)}.{kind}") for kind in ("idx", "val")]
+            files = [_Partial(out / SPLIT / f"{shard_name(shard)}.{kind}") for kind in KINDS]
             try:
                 ids = shard_windows(shard, p.windows, cfg.windows_per_shard)
                 for start in range(ids.start, ids.stop, cfg.micro_batch_size):
@@ -300,9 +315,11 @@ def write(cfg: CacheConfig, p: Plan, summary: str, launched: float) -> int:
                     x = torch.from_numpy(np.stack([p.train.window(w, seq_len)[:-1] for w in batch]).astype(np.int64))
                     logits = teacher(input_ids=x.to(d.device), use_cache=False).logits  # [B, S, V], forward dtype
                     values, indices = torch.topk(logits, k, dim=-1)  # largest first; no fp32 copy of the logits
+                    lse = _log_normaliser(logits, cfg.temperature)
                     del logits
                     files[0].write(indices.to(torch.int32).cpu().numpy().astype(p.index_dtype, copy=False))
                     files[1].write(_store_values(values, cfg.dtype))
+                    files[2].write(lse.cpu().numpy().astype(LSE_DTYPE, copy=False))
                     windows_done += len(batch)
                     bar.update(min(len(batch) * d.world, bar.total - bar.n))  # all ranks: own rate x world
                     if ckpt.fault_requested("cache-shard-mid", shard, d.rank):  # tests: killed mid-shard
@@ -367,7 +384,7 @@ def write(cfg: CacheConfig, p: Plan, summary: str, launched: float) -> int:
         shards = []
         for s in range(p.shards):
             sizes = p.shard_bytes(cfg, s)
-            for kind, size in zip(("idx", "val"), sizes, strict=True):
+            for kind, size in zip(KINDS, sizes, strict=True):
                 path = out / SPLIT / f"{shard_name(s)}.{kind}"
                 if not path.is_file() or path.stat().st_size != size:
                     raise CacheError(f"{path} is missing or short after every rank finished; rerun the same command")
@@ -379,7 +396,7 @@ def write(cfg: CacheConfig, p: Plan, summary: str, launched: float) -> int:
             "data": {"path": str(cfg.data.path.resolve()), "split": SPLIT,
                      "source_fingerprint": p.data_meta["source_fingerprint"], "split_digest": split_digest(p.data_meta),
                      "tokenizer_hash": p.data_meta["tokenizer"].get("hash")},
-            "seq_len": seq_len, "top_k": k, "vocab_size": p.teacher_config.vocab_size,
+            "seq_len": seq_len, "top_k": k, "temperature": cfg.temperature, "vocab_size": p.teacher_config.vocab_size,
             "index_dtype": p.index_dtype.name, "dtype": cfg.dtype, "value_dtype": p.value_dtype.name,
             "precision": str(p.dtype).removeprefix("torch."),
             "windows": p.windows, "windows_per_shard": cfg.windows_per_shard, "shards": shards,

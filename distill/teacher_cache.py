@@ -5,6 +5,8 @@ layout, its identity (which teacher, which windows) and `TeacherCache`, the read
     OUT_DIR/train/shard-NNNNN.idx   token ids, [windows, seq_len, top_k] row-major, little-endian uint16
                                     (vocab <= 65,536) or int32
     OUT_DIR/train/shard-NNNNN.val   their logits, same shape: fp16, bf16 (its uint16 bits) or fp32
+    OUT_DIR/train/shard-NNNNN.lse   log sum exp(logits / temperature) over the whole vocabulary, [windows, seq_len]
+                                    float32: with it the top-k's true probabilities, and the mass beyond them, are known
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 from lmforge import checkpoint as ckpt
 from lmforge.data.shards import split_digest
 
-FORMAT = "lmforge-teacher-cache/1"
+FORMAT = "lmforge-teacher-cache/2"  # 2: the log-normaliser per position (.lse)
 SPLIT = "train"  # the student's evaluation scores itself on val: it needs no teacher there
+LSE_DTYPE = np.dtype("<f4")  # the log-normaliser per position
+KINDS = ("idx", "val", "lse")  # a shard's files
 VALUE_DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "fp32": np.dtype("<f4")}  # as stored on disk
 
 
@@ -135,8 +139,9 @@ class TeacherCache:
         sizes = {e.name: e.stat().st_size for e in os.scandir(self.dir / SPLIT) if e.is_file()}
         for shard in range((self.num_windows + self.per_shard - 1) // self.per_shard):
             rows = len(shard_windows(shard, self.num_windows, self.per_shard))
-            for kind, dtype in (("idx", self.index_dtype), ("val", self.value_dtype)):
-                name, expected = f"{shard_name(shard)}.{kind}", rows * self.seq_len * self.top_k * dtype.itemsize
+            for kind in KINDS:
+                dtype, width = self._layout(kind)
+                name, expected = f"{shard_name(shard)}.{kind}", rows * self.seq_len * width * dtype.itemsize
                 if sizes.get(name) != expected:
                     raise CacheError(f"{self.dir / SPLIT / name}: " + (
                         "missing" if name not in sizes else f"expected {expected} bytes, found {sizes[name]}")
@@ -155,8 +160,8 @@ class TeacherCache:
             return self._maps[key][0]
         path = self.dir / SPLIT / f"{shard_name(shard)}.{kind}"
         rows = len(shard_windows(shard, self.num_windows, self.per_shard))
-        dtype = self.index_dtype if kind == "idx" else self.value_dtype
-        expected = rows * self.seq_len * self.top_k * dtype.itemsize
+        dtype, width = self._layout(kind)
+        expected = rows * self.seq_len * width * dtype.itemsize
         try:
             with open(path, "rb") as f:
                 found = os.fstat(f.fileno()).st_size
@@ -167,7 +172,7 @@ class TeacherCache:
         except FileNotFoundError:
             raise CacheError(f"{path}: missing; the teacher cache is damaged (rerun `python -m distill.cache` on "
                              "its config)") from None
-        array = np.frombuffer(mapped, dtype=dtype).reshape(rows, self.seq_len, self.top_k)
+        array = np.frombuffer(mapped, dtype=dtype).reshape((rows, self.seq_len, width)[:3 if kind != "lse" else 2])
         self._maps[key] = (array, mapped)
         while len(self._maps) > self.max_open:
             self._evict(next(iter(self._maps)))
@@ -192,6 +197,27 @@ class TeacherCache:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _layout(self, kind: str) -> tuple[np.dtype, int]:
+        """A file kind's element dtype and its values per position (top_k, or one log-normaliser)."""
+        return {"idx": (self.index_dtype, self.top_k), "val": (self.value_dtype, self.top_k),
+                "lse": (LSE_DTYPE, 1)}[kind]
+
+    def lse(self, windows: list[int]) -> torch.Tensor:
+        """The teacher's log-normaliser at the cache's temperature at every input position of `windows`: float32
+        [len(windows), seq_len]. With the top-k logits it gives their true probabilities and the tail's mass."""
+        out = np.empty((len(windows), self.seq_len), dtype=LSE_DTYPE)
+        with self._lock:
+            for row, w in enumerate(windows):
+                shard, local = divmod(self._window(w), self.per_shard)
+                out[row] = self._array(shard, "lse")[local]
+        return torch.from_numpy(out.astype(np.float32))
+
+    def _window(self, w) -> int:
+        w = int(w)
+        if not 0 <= w < self.num_windows:
+            raise CacheError(f"window {w} is outside the teacher cache {self.dir} (0..{self.num_windows - 1})")
+        return w
+
     def rows(self, windows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's top-k at every input position of `windows` (window indices of the train split):
         indices int64 and values float32, each [len(windows), seq_len, top_k], values sorted largest first."""
@@ -200,10 +226,7 @@ class TeacherCache:
         val = np.empty((n, self.seq_len, self.top_k), dtype=self.value_dtype)
         with self._lock:
             for row, w in enumerate(windows):
-                w = int(w)
-                if not 0 <= w < self.num_windows:
-                    raise CacheError(f"window {w} is outside the teacher cache {self.dir} (0..{self.num_windows - 1})")
-                shard, local = divmod(w, self.per_shard)
+                shard, local = divmod(self._window(w), self.per_shard)
                 idx[row] = self._array(shard, "idx")[local]
                 val[row] = self._array(shard, "val")[local]
         indices = torch.from_numpy(idx.astype(np.int64))

@@ -35,6 +35,9 @@ class CacheConfig(StrictModel):
     """Windows per cache file pair (a rank writes whole shards; a rerun redoes only the missing ones)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """The teacher's forward dtype: auto is bf16 on a GPU with native bf16, fp32 elsewhere."""
+    temperature: float = Field(1.0, gt=0)
+    """The distillation's kd.temperature: the teacher's log-normaliser is kept at it, so the mass beyond its top-k is
+    known (a distillation at another temperature is refused)."""
     eval_windows: int = Field(64, ge=1)
     """Validation windows the teacher's perplexity is measured on: the distillation's eval.windows (they must agree)."""
     progress: bool = True

@@ -35,7 +35,7 @@ def test_two_ranks_write_what_one_writes(tmp_path, tiny_lm, small, one_rank):
     done = launch("distill.cache", cache_config(tmp_path / "c.yaml", tiny_lm, small, tmp_path / "cache"), nproc=2)
     assert done.returncode == 0, done.stderr
     assert "2 rank(s)" in done.stdout and "10 shard(s) written, 0 skipped" in done.stdout, done.stdout
-    assert len(files(one_rank)) == 20
+    assert len(files(one_rank)) == 30
     assert files(tmp_path / "cache") == files(one_rank)
     meta, ref = (json.loads((f / "meta.json").read_text()) for f in (tmp_path / "cache", one_rank))
     assert meta["world_size"] == 2 and meta["tokens_computed"] == ref["tokens_computed"] == 40 * 32
@@ -53,7 +53,7 @@ def test_killed_run_resumes_byte_identical(tmp_path, tiny_lm, small, one_rank):
     assert list(train.glob(".shard-00005.*.tmp")), sorted(p.name for p in train.iterdir())  # its temporaries
     whole = {1, 3} | {s for s in range(0, 10, 2) if (train / f"shard-{s:05d}.val").exists()}
     kept = files(tmp_path / "cache")
-    assert {f"shard-{s:05d}.{k}" for s in whole for k in ("idx", "val")} == set(kept)
+    assert {f"shard-{s:05d}.{k}" for s in whole for k in ("idx", "val", "lse")} == set(kept)
     assert all(kept[n] == data for n, data in files(one_rank).items() if n in kept)
 
     rerun = launch("distill.cache", cfg, nproc=2, timeout=120)

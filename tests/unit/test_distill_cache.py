@@ -52,7 +52,7 @@ def small_shards(src: Path, dst: Path, windows: int = WINDOWS, val_windows: int 
 def cache_config(path: Path, teacher: Path, data: Path, out: Path, **extra) -> Path:
     return write_yaml(path, {"teacher": str(teacher), "data": {"path": str(data), "seq_len": SEQ},
                              "out_dir": str(out), "top_k": 8, "windows_per_shard": 4, "micro_batch_size": 3,
-                             "progress": False, **extra})
+                             "temperature": 2.0, "progress": False, **extra})  # distill_config's kd.temperature
 
 
 def run_cache(*argv) -> tuple[int, str]:
@@ -115,17 +115,21 @@ def test_cache_is_the_teachers_topk(top8, tiny_lm, small):
     meta = json.loads((folder / "meta.json").read_text())
     assert (meta["windows"], meta["seq_len"], meta["top_k"], meta["index_dtype"], meta["dtype"]) == \
         (WINDOWS, SEQ, 8, "uint16", "fp16")
-    assert meta["bytes_per_token"] == 2 * 8 + 2 * 8
+    assert meta["bytes_per_token"] == 2 * 8 + 2 * 8 + 4  # uint16 ids, fp16 logits, the fp32 log-normaliser
     assert [s["windows"] for s in meta["shards"]] == [4] * 10
     assert (folder / "train" / "shard-00009.idx").stat().st_size == 4 * SEQ * 8 * 2
     assert meta["teacher_tokens_per_s"] > 0 and meta["tokens_computed"] == WINDOWS * SEQ
-    assert "40 windows" in out and "32 bytes per token" in out and "tokens/s" in out
+    assert "40 windows" in out and "36 bytes per token" in out and "tokens/s" in out
 
     cache = tc.TeacherCache(folder, SEQ)
     indices, values = cache.rows(list(range(WINDOWS)))
     assert indices.dtype == torch.int64 and values.dtype == torch.float32
     assert tuple(indices.shape) == tuple(values.shape) == (WINDOWS, SEQ, 8)
     logits = teacher_logits(tiny_lm, small, range(WINDOWS))
+    # the log-normaliser at the cache's temperature, over the whole vocabulary
+    assert meta["temperature"] == 2.0 and (folder / "train" / "shard-00009.lse").stat().st_size == 4 * SEQ * 4
+    torch.testing.assert_close(cache.lse(list(range(WINDOWS))), torch.logsumexp(logits.float() / 2.0, dim=-1),
+                               atol=1e-4, rtol=1e-5)
     ref_values, ref_indices = torch.topk(logits, 8, dim=-1)
     torch.testing.assert_close(values, ref_values.half().float(), atol=2e-3, rtol=1e-3)
     # the ids hold the logits stored beside them (ties may order differently), and equal the reference's where
@@ -161,7 +165,7 @@ def test_full_vocabulary_cache_gives_the_live_teachers_kd_loss(tmp_path, tiny_lm
     code, out = run_cache(cfg)
     assert code == 0, out
     cache = tc.TeacherCache(tmp_path / "full", SEQ)
-    assert cache.meta["bytes_per_token"] == 2 * 512 + 4 * 512
+    assert cache.meta["bytes_per_token"] == 2 * 512 + 4 * 512 + 4
     windows = [0, 5, 22, 39]
     indices, values = cache.rows(windows)
     logits = teacher_logits(tiny_lm, small, windows)
@@ -326,7 +330,7 @@ def test_dry_run_and_the_distill_schema(tmp_path, tiny_lm, small):
 
     cfg = cache_config(tmp_path / "c.yaml", tiny_lm, small, tmp_path / "cache")
     code, out = run_cache(cfg, "top_k=64", "--dry-run")
-    assert code == 0 and "top_k: 64" in out and "256 bytes per token" in out, out  # the default: uint16 + fp16
+    assert code == 0 and "top_k: 64" in out and "260 bytes per token" in out, out  # uint16 + fp16, fp32 normaliser
     assert not (tmp_path / "cache").exists()
 
     base = {"run_dir": str(tmp_path / "run"), "teacher": str(tiny_lm), "student": {"from_teacher": {"layers": [1]}},
