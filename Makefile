@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml Makefile
 
 # The chain on the built-in corpus, on CPU: tokenize, pretrain the ~5 M-parameter demo model on 2 ranks
 # with ZeRO-2, fine-tune it on both built-in tasks, then distill the pretrained model and the classifier into
-# half-depth students, each beside the same student trained without distillation (minutes each; the reports
-# are runs/demo/distill*/report.md). Rerunning skips what is finished.
+# half-depth students, each beside the same student trained without distillation (the language model's pair
+# ~15 minutes on 2 cores, the classifier's ~5; the reports are runs/demo/distill*/report.md). Rerunning skips
+# what is finished.
 demo: setup
 	$(BIN)/lmforge tokenize configs/tokenize/demo.yaml
 	$(BIN)/torchrun --nproc_per_node=2 -m pretrain configs/pretrain/demo.yaml

@@ -203,7 +203,9 @@ def main() -> int:
 
     cache_cfg.write_text(yaml.safe_dump({"teacher": str(lm_teacher), "data": {"path": str(sliced), "seq_len": seq_len},
                                          "out_dir": str(cache_dir), "top_k": 64, "dtype": "fp16",
-                                         "micro_batch_size": 8, "windows_per_shard": 256, "progress": False}))
+                                         "micro_batch_size": 8, "windows_per_shard": 256, "progress": False,
+                                         "eval_windows": 4 if args.smoke else 32,  # the distillation's eval.windows
+                                         "temperature": 2.0}))  # and its kd.temperature (the demo configs')
     print(f"[bench] distill.cache over {args.cache_windows} windows ...", flush=True)
     cache_seconds = torchrun("cache", ["-m", "distill.cache", str(cache_cfg)], work / "logs", timeout)
     cache_meta = json.loads((cache_dir / "meta.json").read_text())
@@ -312,7 +314,8 @@ def table(report: dict) -> str:
         "",
         f"**Offline teacher (cached top-k) against the live teacher**: the same student and config, "
         f"{c['throughput_steps']} steps on the first {c['cache_windows']:,} train windows of the demo data. The cache: "
-        f"top-{tp['cache']['top_k']} {tp['cache']['index_dtype']} indices + {tp['cache']['value_dtype']} values = "
+        f"top-{tp['cache']['top_k']} {tp['cache']['index_dtype']} indices + {tp['cache']['value_dtype']} values + the fp32 "
+        "log-normaliser (the teacher's mass beyond its top-k is kept) = "
         f"**{tp['cache']['bytes_per_token']} bytes per token** (target <= 300), written by the teacher at "
         f"{tp['cache']['teacher_tokens_per_s']:,.0f} tokens/s ({tp['cache']['wall_seconds']:.0f} s for the slice, "
         "launch included).",

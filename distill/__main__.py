@@ -21,6 +21,7 @@ losses and the loop.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import math
@@ -29,10 +30,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
-from distill import losses
-from distill.cache import CacheError, TeacherCache, data_identity
-from distill.student import Projections, from_teacher, subset_config
+from distill import losses, report
+from distill.student import Projections, from_teacher, identities, resolve
+from distill.teacher_cache import CacheError, TeacherCache, data_identity
 from lmforge import checkpoint as ckpt
 from lmforge.config import to_yaml
 from lmforge.config.command import parse_command
@@ -42,11 +44,11 @@ from lmforge.data import tasks
 from lmforge.data.sampler import GlobalOrder, WindowSampler, eval_windows
 from lmforge.data.shards import ShardError, TokenShards, read_meta, split_digest
 from lmforge.data.sources import DataError
-from lmforge.models import ModelError, build, classifier_config, describe, folder_config, human, model_config
+from lmforge.models import ModelError, build, describe, folder_config, human
 from lmforge.run import Plan, Run, RunError, catch_signals, fail, rank_seed
 from lmforge.schedule import lr_at, schedule_change
 from lmforge.throughput import Meter, device_peak, duration
-from lmforge.tokenizer import vocabulary_hash
+from lmforge.tokenizer import folder_hash, vocabulary_hash
 
 STAGE = "distill"
 PROG = "python -m distill"
@@ -64,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     code, finished = distill(cfg, launched, stops, baseline=True)  # the same student without a teacher, first
     if not finished:  # stopped (a signal, max_time) or failed: a rerun resumes the baseline
         return code
+    if stops:  # a signal during the baseline's last step or export: it is done; a rerun starts the distillation
+        from lmforge import engine as eng
+
+        eng.teardown()
+        return 0
+    gc.collect()  # the baseline's engine (reference cycles) before the teacher and the student are built
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return distill(cfg, launched, stops, baseline=False)[0]
 
 
@@ -110,6 +120,10 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
                             "tokens": meta["splits"]["train"]["tokens"]}
         else:
             task, seq_len = cfg.task, cfg.task.max_length
+            positions = getattr(teacher_config, "max_position_embeddings", None)
+            if positions is not None and seq_len > positions:
+                raise ModelError(f"task.max_length {seq_len} is longer than the teacher {cfg.teacher}'s {positions} "
+                                 "positions (max_position_embeddings); use a shorter task.max_length")
             labels = [teacher_config.id2label[i] for i in range(teacher_config.num_labels)]
             tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
             pad_id = teacher_config.pad_token_id
@@ -127,35 +141,7 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
             lineage_data = {"source": cfg.examples.builtin or cfg.examples.train.describe(), "digest": data_digest,
                             "examples": len(train)}
         # the student's config and the folder it starts from (None: a fresh initialisation)
-        student_init, init_identity = None, None
-        if cfg.student.from_teacher:
-            layers = cfg.student.from_teacher.layers
-            student_config = subset_config(teacher_config, layers, cfg.teacher)
-            student_init = cfg.run_dir / "student_init"
-        elif cfg.student.model:
-            base = model_config(cfg.student.model, None, teacher_config.vocab_size, teacher_config.eos_token_id,
-                                pad_id, seq_len)
-            student_config = base if lm else classifier_config(base, labels, pad_id)
-        else:
-            student_init = cfg.student.init_from
-            if vocabulary_hash(student_init) != teacher_vocab:
-                raise ModelError(f"student.init_from: {student_init} has another tokenizer than the teacher "
-                                 f"{cfg.teacher} (tokenizer.json differs); a student must share the teacher's")
-            if not (student_init / "config.json").is_file():
-                raise ModelError(f"student.init_from: {student_init} is not a Hugging Face model folder (no config.json)")
-            own = AutoConfig.from_pretrained(student_init)
-            if (own.architectures or ["?"])[0].endswith("ForSequenceClassification"):
-                if lm:
-                    raise ModelError(f"student.init_from: {student_init} is a classifier; a language model's student "
-                                     "is a causal LM folder")
-                if own.id2label != teacher_config.id2label:
-                    raise ModelError(f"student.init_from: {student_init}'s labels {own.id2label} are not the "
-                                     f"teacher's {teacher_config.id2label}")
-                student_config = own
-            else:  # a causal LM: a classifier student gets a new head over its body
-                student_config = folder_config(student_init, seq_len, "data.seq_len" if lm else "task.max_length")
-                if not lm:
-                    student_config = classifier_config(student_config, labels, pad_id)
+        student_config, student_init = resolve(cfg, teacher_config, teacher_vocab, labels, pad_id, seq_len)
         if student_config.vocab_size != teacher_config.vocab_size:
             raise ModelError(f"the student's vocabulary ({student_config.vocab_size} tokens) is not the teacher's "
                              f"({teacher_config.vocab_size}): a student must share the teacher's tokenizer")
@@ -165,19 +151,21 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
                     raise ModelError(f"kd.hidden.pairs: [{s}, {t}] is out of range: hidden states go from 0 (the "
                                      f"embeddings) to {student_config.num_hidden_layers} in the student and "
                                      f"{teacher_config.num_hidden_layers} in the teacher")
-        teacher_id = {"config": ckpt.config_digest(teacher_config), "weights": ckpt.weights_digest(cfg.teacher)}
-        cache = None
-        if cached and not baseline:  # built by this teacher over these windows, or refused before any work
-            cache = TeacherCache(cfg.data.cache, seq_len)
-            cache.check(teacher_id, data_identity(meta, seq_len))
-        if student_init is not None:
-            init_identity = {"teacher": teacher_id, "layers": cfg.student.from_teacher.layers} \
-                if cfg.student.from_teacher else {"folder": str(student_init.resolve()),
-                                                  "weights": ckpt.weights_digest(student_init)}
+        cache = TeacherCache(cfg.data.cache, seq_len) if cached and not baseline else None  # reads its meta.json
+        if cache is not None and cache.meta["temperature"] != kd.temperature:
+            raise CacheError(f"{cfg.data.cache} keeps the teacher's normaliser at temperature "
+                             f"{cache.meta['temperature']:g}, this run distils at kd.temperature={kd.temperature:g}: set "
+                             f"kd.temperature={cache.meta['temperature']:g}, or write a cache with temperature: "
+                             f"{kd.temperature:g}")
+        if cache is not None and len(val_ids) != cache.meta.get("teacher_val_windows"):
+            raise CacheError(f"{cfg.data.cache} scored the teacher on {cache.meta.get('teacher_val_windows')} "
+                             f"validation windows and eval.windows gives the student {len(val_ids)}: set "
+                             f"eval.windows={cache.meta.get('teacher_val_windows')} so both are scored on the same ones")
         facts = describe(student_config, seq_len)
         teacher_facts = describe(teacher_config, seq_len)
         plan = Plan.make(cfg.batch, cfg.engine, cfg.optim)
-    except (DataError, ModelError, ShardError, CacheError, ckpt.CheckpointError, eng.EngineError, OSError) as e:
+    except (DataError, ModelError, ShardError, CacheError, ckpt.CheckpointError, eng.EngineError, OSError,
+            ValueError) as e:  # ValueError: a config.json transformers cannot read
         return fail(PROG, e), False
     micro, accum, global_batch, dtype, ds = plan.micro, plan.accum, plan.global_batch, plan.dtype, plan.ds
     max_steps = cfg.train.max_steps
@@ -193,9 +181,18 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
     # -- the run: process group, lease, the resume decision, checks before anything is overwritten ----------
     kd_record = {**kd.model_dump(mode="json"), "alpha": alpha,  # and where the teacher's distribution comes from
                  "teacher_source": None if baseline else f"cache top-{cache.top_k}" if cache else "live"}
-    shown = cfg.model_copy(update={"run_dir": run_dir, "kd": kd.model_copy(update={"alpha": alpha})})  # this run's
+    # this run's config; a baseline has its own W&B name beside the distillation's (not "baseline" for every one)
+    shown = cfg.model_copy(update={"run_dir": run_dir, "kd": kd.model_copy(update={"alpha": alpha}), "tracking": (
+        cfg.tracking.model_copy(update={"name": f"{cfg.tracking.name or cfg.run_dir.resolve().name}-baseline"})
+        if baseline else cfg.tracking)})
     try:
         run = Run.open(STAGE, run_dir, launched, cfg.engine.collective_timeout, cfg.train.lease_timeout, stops)
+        # the teacher's (and a folder student's) identity: rank 0 reads 16 MiB of each weight file, once
+        teacher_id, init_identity = run.on_main(lambda: identities(cfg, teacher_config),
+                                                (ckpt.CheckpointError, OSError))
+        if cache is not None:  # built by this teacher over these windows, every shard whole: or refused now
+            run.on_main(lambda: (cache.check(teacher_id, data_identity(meta, seq_len)), cache.verify()),
+                        (CacheError, OSError))
         run.check_resume({
             **plan.resume_checks(student_config, cfg.train.seed),
             "data_digest": (data_digest, "was trained on other data; use a new run_dir or the original data"),
@@ -203,20 +200,23 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
                    "run_dir"),
             "teacher": (None if baseline else teacher_id, "was distilled from another teacher (its config or weights "
                         "differ); restore that teacher or use a new run_dir"),
-            "student_init": (init_identity, "started from another student (student.*); restore it or use a new run_dir")})
+            "student_init": (init_identity, "started from another student (student.*); restore it or use a new run_dir"),
+            "seq_len": (seq_len, "used another data.seq_len (task.max_length); restore it"),
+            "task": (cfg.task.model_dump(mode="json") if cfg.task else None, "used other task settings; restore them")})
         if run.finished(max_steps):
             run.say(f"{run.dir} already finished {run.resume.step} steps; final model in {run.dir / 'final'}")
             if baseline:
                 run.release()
                 return 0, True
             run.leave()
+            code = 0
             if run.dist.is_main and not (run.dir / "report.md").is_file():  # killed while writing it: write it now
-                _report(cfg, run, lm, teacher_config, run.resume.record, labels, pad_id, val,
-                        val_ids if lm else None, test, dtype)
-            return run.close(0), True
+                code = report.write_for(cfg, run, lm, teacher_config, run.resume.record, labels, pad_id, val,
+                               val_ids if lm else None, test, dtype)
+            return run.close(code), code == 0
         if cfg.student.from_teacher:  # one rank writes the student's first weights, once (the baseline's too)
             run.on_main(lambda: from_teacher(cfg.teacher, teacher_config, cfg.student.from_teacher.layers, student_init,
-                                             init_identity), (ModelError, OSError))
+                                             init_identity), (ModelError, OSError, SafetensorError))
         if lm:
             run.on_main(lambda: (train.verify(), val.verify()), (ShardError,))
         run.publish(shown, cfg.teacher)
@@ -235,8 +235,20 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
     hf_logging.disable_progress_bar()  # one bar per rank for a load that takes a second
     if not baseline and not cached:
         teacher_ds = eng.frozen_config(ds) if cfg.teacher_zero3 else None
-        with eng.model_context(teacher_ds or {}):
-            teacher = eng.freeze(build(teacher_config, cfg.teacher, dtype=dtype), teacher_ds, device)
+        problem = None
+        try:  # a damaged weight file on one rank's view of the filesystem: every rank stops, with the reason
+            with eng.model_context(teacher_ds or {}):
+                teacher = eng.freeze(build(teacher_config, cfg.teacher, dtype=dtype), teacher_ds, device)
+        except (OSError, ValueError, SafetensorError) as e:
+            problem = f"rank {run.dist.rank} could not load the teacher {cfg.teacher}: {type(e).__name__}: {e}"
+        try:
+            run.agree(problem)
+        except RunError as e:
+            return fail(PROG, e), False
+        if cfg.teacher_zero3:
+            held = sum(p.ds_tensor.numel() for p in teacher.module.parameters())
+            whole = sum(p.ds_numel for p in teacher.module.parameters())
+            run.say(f"teacher partitioned by ZeRO-3: {held:,} of its {whole:,} parameters held on each rank")
 
     # -- the student and its engine -------------------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # the same fresh weights (or projections) on every rank and every run
@@ -256,6 +268,8 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
     step = position = tokens_seen = 0
     load_seconds = None
     teacher_eval = None
+    last_eval: dict = {}
+    tested: dict = {}
     if run.resume is not None:
         try:
             record, load_seconds = run.load(engine, resume_tag, cfg.train.seed)
@@ -263,11 +277,12 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
             return fail(PROG, e), False
         step, position, tokens_seen = record["step"], int(record["samples"]), int(record["tokens"])
         teacher_eval = record.get("teacher_eval")
+        last_eval, tested = record.get("last_eval") or {}, record.get("tested") or {}  # a resume at max_steps exports them
         run.say(f"resumed from {run.resume.path} at step {step} ({tokens_seen:,} tokens seen)")
         if (change := schedule_change(record.get("max_steps"), max_steps, step, cfg.optim)):
             run.say(change)
 
-    tracker = run.tracker(cfg.tracking, shown.model_dump(mode="json") | {"baseline": baseline}, step)
+    tracker = run.tracker(shown.tracking, shown.model_dump(mode="json") | {"baseline": baseline}, step)
     peak, peak_source = device_peak(device, dtype, cfg.engine.peak_flops)
     peak = eng.all_reduce_sum([peak], device)[0] / d.world
     run.say(f"{d.world} rank(s) on {device.type}, ZeRO-{plan.zero_stage} student, "
@@ -285,7 +300,8 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
             positions = [sampler.rank_positions(position, micro, accum, d.rank, d.world, m) for m in range(accum)]
             rows = [sampler.batch(p) for p in positions]
             if cache is not None:  # the teacher's top-k at every input position of each row's window
-                taught = [cache.rows([sampler.window_at(q) for q in p]) for p in positions]
+                windows = [[sampler.window_at(q) for q in p] for p in positions]
+                taught = [(*cache.rows(w), cache.lse(w)) for w in windows]
                 return [(x[:, :-1], x[:, 1:], *t) for x, t in zip(rows, taught, strict=True)], global_batch * seq_len
             return [(x[:, :-1], x[:, 1:]) for x in rows], global_batch * seq_len
         items = [order.item_at(p) for p in range(position, position + global_batch)]
@@ -295,11 +311,12 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
 
     def micro_loss(x: torch.Tensor, y: torch.Tensor, *top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The micro-batch's loss, and the divergence from the teacher alone (None without a teacher). `top`: the
-        cached teacher's top-k (indices, logits) at each position."""
-        if top:  # offline: the truncated teacher distribution, renormalised over its top-k
+        cached teacher's top-k (indices, logits) and log-normaliser at each position."""
+        if top:  # offline: the exact KL over the teacher's top-k and the rest of its mass
             logits = engine(input_ids=x, use_cache=False).logits
-            soft = losses.topk_kd_loss(logits, top[0], top[1], kd.temperature)
-            return alpha * kd.temperature ** 2 * soft + (1 - alpha) * token_loss(logits, y), soft.detach()
+            soft = losses.topk_kd_loss(logits, top[0], top[1], kd.temperature, teacher_lse=top[2])
+            return alpha * kd.temperature ** 2 * soft + (
+                (1 - alpha) * token_loss(logits, y) if alpha < 1 else 0.0), soft.detach()
         if teacher is None:  # the no-KD baseline: the task loss alone
             if lm:
                 return lm_loss(engine, x, y), None
@@ -308,12 +325,12 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
         with torch.no_grad():  # under ZeRO-3 a collective: every rank runs the same micro-batches
             taught = teacher(input_ids=x, use_cache=False, output_hidden_states=bool(pairs))
         if lm:  # chunked over the vocabulary: no fp32 [tokens, vocab] tensor for either loss
-            hard = token_loss(out.logits, y)
             soft = losses.kd_loss(out.logits, taught.logits, kd.temperature, kd.divergence, kd.beta)
         else:
-            hard = F.cross_entropy(out.logits.float(), y)
             soft = losses.class_kd_loss(out.logits, taught.logits, kd.temperature)
-        loss = alpha * kd.temperature ** 2 * soft + (1 - alpha) * hard
+        loss = alpha * kd.temperature ** 2 * soft
+        if alpha < 1:  # the hard labels (at alpha 1 not computed: a [tokens, vocab] gradient saved)
+            loss = loss + (1 - alpha) * (token_loss(out.logits, y) if lm else F.cross_entropy(out.logits.float(), y))
         if pairs:
             mapped = getattr(engine.module, "distill_projections", None)
             term = sum(losses.hidden_loss(mapped(j, out.hidden_states[s]) if mapped else out.hidden_states[s],
@@ -358,16 +375,19 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
         return {"samples": position, "tokens": tokens_seen, "max_steps": max_steps, "zero_stage": plan.zero_stage,
                 "global_batch_size": global_batch, "seed": cfg.train.seed, "dtype": plan.precision,
                 "model_digest": ckpt.config_digest(student_config), "data_digest": data_digest, "kd": kd_record,
+                "seq_len": seq_len, "task": cfg.task.model_dump(mode="json") if cfg.task else None,
                 "teacher": None if baseline else teacher_id, "student_init": init_identity,
-                "teacher_eval": teacher_eval, "wandb_id": tracker.run_id, "skipped_steps": health.skipped,
-                "lineage": ckpt.lineage(STAGE, run.dir, at_step, tokens_seen, shown.digest(), teacher_vocab,
+                "teacher_eval": teacher_eval, "last_eval": scores(last_eval), "tested": scores(tested),
+                "export_skips": [Projections.PREFIX], "wandb_id": tracker.run_id, "skipped_steps": health.skipped,
+                "lineage": ckpt.lineage(STAGE, run.dir, at_step, tokens_seen, shown.digest(), tok_hash,
                                         lineage_data, cfg.teacher, (cfg.data.path if lm else None, cfg.teacher,
                                                                     cfg.student.init_from)),
                 "card": ckpt.card(STAGE, "text-generation" if lm else "text-classification", engine.module,
                                   **run.facts(), tokens_seen=tokens_seen, steps=at_step,
                                   metrics=scores(last_eval) | scores(tested), config_yaml=to_yaml(shown),
-                                  parent=str(cfg.teacher), labels=labels, tokenizer_hash=teacher_vocab)}
+                                  parent=str(cfg.teacher), labels=labels, tokenizer_hash=tok_hash)}
 
+    tok_hash = folder_hash(run.dir / "tokenizer")  # as the other stages record it: one hash along a chain
     retention = ckpt.Retention(cfg.train.keep_last, cfg.train.keep_every, (max_steps,))
     save_seconds: list[float] = []
 
@@ -376,8 +396,6 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
         meter.reset()  # a save is not training throughput
 
     # -- the loop ------------------------------------------------------------------------------------------
-    last_eval: dict = {}
-    tested: dict = {}
     first_eval = None
     if cache is not None and teacher_eval is None:  # scored by the cache pass (it ran the teacher)
         teacher_eval = {"teacher/loss": cache.meta["teacher_val_loss"], "teacher/ppl": cache.meta["teacher_val_ppl"]}
@@ -488,21 +506,9 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
     run.say(f"done: {step} steps in {duration(elapsed)}; val {loop.metrics_line(last_eval)}"
             + (f"; test {loop.metrics_line(tested)}" if tested else "")
             + f"\n[{STAGE}] Hugging Face model: {run.dir / 'final'} (logits match the engine's to {diff:.1e})")
-    _report(cfg, run, lm, teacher_config, {"teacher_eval": teacher_eval}, labels, pad_id, val,
-            val_ids if lm else None, None if lm else test, dtype)
-    return run.close(0), True
-
-
-def _report(cfg, run, lm, teacher_config, record, labels, pad_id, val, val_ids, test, dtype) -> None:
-    """RUN_DIR/report.md, report.json and plots/report.png (rank 0, after the export)."""
-    from transformers.utils import logging as hf_logging
-
-    from distill import report
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars of three small loads
-    path = report.write(cfg, run.dir, lm, teacher_config, record.get("teacher_eval") or {}, labels, pad_id, val,
-                        val_ids, test, run.dist.device, dtype)
-    run.say(f"report: {path}\n" + report.headline(json.loads((run.dir / "report.json").read_text())))
+    code = report.write_for(cfg, run, lm, teacher_config, {"teacher_eval": teacher_eval}, labels, pad_id, val,
+                   val_ids if lm else None, None if lm else test, dtype)
+    return run.close(code), code == 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`python -m distill.cache CONFIG.yaml [key=value ...]`: a teacher's top-k logits over token shards, written once.
 
-    torchrun --nproc_per_node=N -m distill.cache configs/distill/cache.yaml   # as many ranks as there are devices
+    torchrun --nproc_per_node=N -m distill.cache configs/distill/cache_demo.yaml   # as many ranks as devices
     python -m distill.cache CONFIG.yaml --dry-run                              # resolved config and sizes; no work
 
 Offline distillation (DistillKit's sparse logits): the teacher runs once over the train split and keeps, for each
@@ -13,8 +13,10 @@ tokens are the inputs), the `top_k` largest logits at every input position; `pyt
     OUT_DIR/train/shard-NNNNN.idx   token ids, [windows, seq_len, top_k] row-major, little-endian uint16
                                     (vocab <= 65,536) or int32
     OUT_DIR/train/shard-NNNNN.val   their logits, same shape: fp16, bf16 (its uint16 bits) or fp32
+    OUT_DIR/train/shard-NNNNN.lse   log sum exp(logits / temperature) per position, [windows, seq_len] float32
 
-Shard s holds windows [s x windows_per_shard, (s + 1) x windows_per_shard) and belongs to rank s % world; each
+Shard s holds windows [s x windows_per_shard, (s + 1) x windows_per_shard); the shards left to write are dealt
+out to the ranks in turn (the i-th to rank i mod world); each
 file is written under a temporary name, fsynced and renamed, so a killed run leaves whole shards (a rerun skips
 them) and temporaries (a rerun deletes them). A shard's bytes depend on its windows alone, not on the rank count:
 a cache written on 2 ranks, or resumed after a crash, equals one written in one go on 1.
@@ -28,19 +30,29 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import mmap
 import os
 import sys
 import tempfile
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from distill.teacher_cache import (
+    FORMAT,
+    KINDS,
+    LSE_DTYPE,
+    SPLIT,
+    VALUE_DTYPES,
+    CacheError,
+    data_identity,
+    differences,
+    index_dtype,
+    shard_name,
+    shard_windows,
+)
 from lmforge import atomic
 from lmforge import checkpoint as ckpt
 from lmforge.config import to_yaml
@@ -51,191 +63,9 @@ from lmforge.models import ModelError, folder_config, human
 from lmforge.run import Run, RunError, fail
 from lmforge.tokenizer import vocabulary_hash
 
-FORMAT = "lmforge-teacher-cache/1"
 PROG = "python -m distill.cache"
 STAGE = "distill.cache"
-SPLIT = "train"  # the student's evaluation scores itself on val: it needs no teacher there
-EVAL_WINDOWS = 64  # validation windows the teacher's own perplexity is measured on (as distill's eval.windows)
 COLLECTIVE_TIMEOUT = 1800.0  # seconds a rank waits for the slowest at the end (its share of the shards)
-VALUE_DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "fp32": np.dtype("<f4")}  # as stored on disk
-
-
-class CacheError(Exception):
-    """A teacher cache that is missing, incomplete, damaged, or built from another teacher or other data."""
-
-
-def index_dtype(vocab_size: int) -> np.dtype:
-    """The stored dtype of the token ids: uint16 up to 65,536 ids, else int32 (little-endian)."""
-    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<i4")
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}"
-
-
-def shard_windows(shard: int, windows: int, per_shard: int) -> range:
-    """The window indices shard `shard` holds."""
-    return range(shard * per_shard, min((shard + 1) * per_shard, windows))
-
-
-def teacher_identity(folder: Path) -> dict:
-    """What identifies a teacher, as `python -m distill` records it: its config's and its weights' digests."""
-    from transformers import AutoConfig
-
-    return {"config": ckpt.config_digest(AutoConfig.from_pretrained(folder)), "weights": ckpt.weights_digest(folder)}
-
-
-def data_identity(meta: dict, seq_len: int) -> dict:
-    """What identifies the windows a cache covers: the token shards' source and split (their meta.json), and
-    seq_len. The cache and the student's stage both build it here, so they compare the same thing."""
-    return {"source_fingerprint": meta["source_fingerprint"], "split_digest": split_digest(meta),
-            "seq_len": int(seq_len)}
-
-
-def differences(saved: dict, want: dict) -> list[str]:
-    """How a cache's identity `saved` differs from `want` (keys teacher, data, and optionally top_k, dtype,
-    windows_per_shard; a key absent from `want` or None there is not compared), in words."""
-    out = []
-    teacher, have = want.get("teacher"), saved.get("teacher") or {}
-    if teacher is not None and (have.get("config"), have.get("weights")) != (teacher["config"], teacher["weights"]):
-        out.append(f"built from another teacher (config {have.get('config')}, weights {have.get('weights')}; this "
-                   f"teacher's: config {teacher['config']}, weights {teacher['weights']})")
-    data, have = want.get("data"), saved.get("data") or {}
-    if data is not None:
-        keys = ("source_fingerprint", "split_digest")
-        if any(have.get(k) != data[k] for k in keys):
-            out.append("built from other data (" + ", ".join(f"{k} {have.get(k)} vs {data[k]}" for k in keys
-                                                               if have.get(k) != data[k]) + ")")
-        if saved.get("seq_len") != data["seq_len"]:
-            out.append(f"built for another seq_len ({saved.get('seq_len')}, not {data['seq_len']})")
-    for key, what in (("top_k", "another top_k"), ("dtype", "another value dtype"),
-                      ("windows_per_shard", "another windows_per_shard")):
-        if want.get(key) is not None and saved.get(key) != want[key]:
-            out.append(f"built with {what} ({saved.get(key)}, not {want[key]})")
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# The reader
-
-
-class TeacherCache:
-    """A finished cache (its meta.json exists), read by window index: `rows(windows)` gives the teacher's top-k
-    indices (int64) and values (float32), [len(windows), seq_len, top_k] each.
-
-    Nothing is read at construction but meta.json; a shard's file is memory-mapped when first read, its size
-    checked then (a short or missing file is a CacheError naming it), and at most `max_open` maps (one file
-    descriptor each; a shard has two files) are held, the least recently used closed first. Rows are copies: no
-    caller's tensor pins a map. Thread-safe (a prefetching thread may read while the loop does)."""
-
-    def __init__(self, folder: str | os.PathLike, seq_len: int, max_open: int = 32):
-        if max_open < 1:
-            raise ValueError(f"max_open must be at least 1, got {max_open}")
-        self.dir = Path(folder)
-        path = self.dir / "meta.json"
-        if not path.is_file():
-            hint = (" (it was not finished: rerun `python -m distill.cache` on its config to complete it)"
-                    if (self.dir / "state.json").is_file() else " (write it with `python -m distill.cache`)")
-            raise CacheError(f"{self.dir}: not a finished teacher cache, no meta.json{hint}")
-        try:
-            self.meta = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise CacheError(f"{path}: unreadable ({type(e).__name__}: {e}); rewrite the cache") from None
-        if self.meta.get("format") != FORMAT:
-            raise CacheError(f"{path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
-        if self.meta["seq_len"] != seq_len:
-            raise CacheError(f"{self.dir}: built for another seq_len ({self.meta['seq_len']}, not {seq_len}); "
-                             f"set data.seq_len={self.meta['seq_len']} or write a cache for {seq_len}")
-        self.seq_len, self.top_k = int(seq_len), int(self.meta["top_k"])
-        self.num_windows, self.per_shard = int(self.meta["windows"]), int(self.meta["windows_per_shard"])
-        self.index_dtype = np.dtype(self.meta["index_dtype"]).newbyteorder("<")
-        self.value_kind = self.meta["dtype"]
-        self.value_dtype = VALUE_DTYPES[self.value_kind]
-        self.max_open = max_open
-        self._maps: OrderedDict[tuple[int, str], tuple[np.ndarray, mmap.mmap]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def check(self, teacher_id: dict | None, data_identity: dict) -> None:
-        """CacheError naming what differs when this cache was built from another teacher (`teacher_id` as
-        `teacher_identity` gives it; None: not checked), other data or another seq_len (`data_identity`)."""
-        found = differences(self.meta, {"teacher": teacher_id, "data": data_identity})
-        if found:
-            raise CacheError(f"the teacher cache {self.dir} was {'; '.join(found)}; write a cache for this teacher "
-                             "and data (`python -m distill.cache`, another out_dir) or point data.cache at it")
-
-    def __len__(self) -> int:
-        return self.num_windows
-
-    @property
-    def open_maps(self) -> int:
-        return len(self._maps)
-
-    def _array(self, shard: int, kind: str) -> np.ndarray:
-        """Shard `shard`'s `kind` ("idx" or "val") file as [windows, seq_len, top_k]; caller holds the lock."""
-        key = (shard, kind)
-        if key in self._maps:
-            self._maps.move_to_end(key)
-            return self._maps[key][0]
-        path = self.dir / SPLIT / f"{shard_name(shard)}.{kind}"
-        rows = len(shard_windows(shard, self.num_windows, self.per_shard))
-        dtype = self.index_dtype if kind == "idx" else self.value_dtype
-        expected = rows * self.seq_len * self.top_k * dtype.itemsize
-        try:
-            with open(path, "rb") as f:
-                found = os.fstat(f.fileno()).st_size
-                if found != expected:
-                    raise CacheError(f"{path}: expected {expected} bytes, found {found}; the teacher cache is "
-                                     "damaged (delete that shard's two files and rerun `python -m distill.cache`)")
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # keeps its own descriptor
-        except FileNotFoundError:
-            raise CacheError(f"{path}: missing; the teacher cache is damaged (rerun `python -m distill.cache` on "
-                             "its config)") from None
-        array = np.frombuffer(mapped, dtype=dtype).reshape(rows, self.seq_len, self.top_k)
-        self._maps[key] = (array, mapped)
-        while len(self._maps) > self.max_open:
-            self._evict(next(iter(self._maps)))
-        return array
-
-    def _evict(self, key: tuple[int, str]) -> None:
-        array, mapped = self._maps.pop(key)
-        del array  # a buffer export of the map: it must go before the map can close
-        try:
-            mapped.close()
-        except BufferError:  # a view is still alive (rows are copies, so none should be): it unmaps with it
-            pass
-
-    def close(self) -> None:
-        with self._lock:
-            for key in list(self._maps):
-                self._evict(key)
-
-    def __enter__(self) -> TeacherCache:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def rows(self, windows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's top-k at every input position of `windows` (window indices of the train split):
-        indices int64 and values float32, each [len(windows), seq_len, top_k], values sorted largest first."""
-        n = len(windows)
-        idx = np.empty((n, self.seq_len, self.top_k), dtype=self.index_dtype)
-        val = np.empty((n, self.seq_len, self.top_k), dtype=self.value_dtype)
-        with self._lock:
-            for row, w in enumerate(windows):
-                w = int(w)
-                if not 0 <= w < self.num_windows:
-                    raise CacheError(f"window {w} is outside the teacher cache {self.dir} (0..{self.num_windows - 1})")
-                shard, local = divmod(w, self.per_shard)
-                idx[row] = self._array(shard, "idx")[local]
-                val[row] = self._array(shard, "val")[local]
-        indices = torch.from_numpy(idx.astype(np.int64))
-        if self.value_kind == "bf16":  # bf16 is the top half of an fp32
-            values = torch.from_numpy((val.astype(np.uint32) << 16).view(np.float32))
-        else:
-            values = torch.from_numpy(val.astype(np.float32))
-        return indices, values
-
 
 # --------------------------------------------------------------------------------------------------
 # The writer
@@ -260,17 +90,18 @@ class Plan:
 
     @property
     def bytes_per_token(self) -> int:
-        return (self.index_dtype.itemsize + self.value_dtype.itemsize) * self.k
+        return (self.index_dtype.itemsize + self.value_dtype.itemsize) * self.k + LSE_DTYPE.itemsize
 
     def identity(self, cfg: CacheConfig) -> dict:
         return {"teacher": self.teacher_id, "data": data_identity(self.data_meta, cfg.data.seq_len),
                 "seq_len": cfg.data.seq_len, "top_k": cfg.top_k, "dtype": cfg.dtype,
-                "windows_per_shard": cfg.windows_per_shard}
+                "windows_per_shard": cfg.windows_per_shard, "temperature": cfg.temperature}
 
-    def shard_bytes(self, cfg: CacheConfig, shard: int) -> tuple[int, int]:
-        """The sizes of shard `shard`'s .idx and .val files."""
-        values = len(shard_windows(shard, self.windows, cfg.windows_per_shard)) * cfg.data.seq_len * cfg.top_k
-        return values * self.index_dtype.itemsize, values * self.value_dtype.itemsize
+    def shard_bytes(self, cfg: CacheConfig, shard: int) -> tuple[int, int, int]:
+        """The sizes of shard `shard`'s .idx, .val and .lse files."""
+        positions = len(shard_windows(shard, self.windows, cfg.windows_per_shard)) * cfg.data.seq_len
+        return (positions * cfg.top_k * self.index_dtype.itemsize, positions * cfg.top_k * self.value_dtype.itemsize,
+                positions * LSE_DTYPE.itemsize)
 
 
 def plan(cfg: CacheConfig) -> Plan:
@@ -310,7 +141,7 @@ def plan(cfg: CacheConfig) -> Plan:
     if windows < 1:
         raise ShardError(f"{cfg.data.path}: the train split has {train.num_tokens:,} tokens, fewer than one window "
                          f"of data.seq_len + 1 = {seq_len + 1}; use more data or a shorter seq_len")
-    eval_ids = eval_windows(val, seq_len, EVAL_WINDOWS)
+    eval_ids = eval_windows(val, seq_len, cfg.eval_windows)
     teacher_id = {"config": ckpt.config_digest(config), "weights": ckpt.weights_digest(cfg.teacher)}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = eng.resolve_precision(cfg.precision, device)
@@ -366,7 +197,7 @@ def _folder_state(cfg: CacheConfig, p: Plan) -> tuple[bool, list[int]]:
     (out / SPLIT).mkdir(exist_ok=True)
     sizes = {e.name: e.stat().st_size for e in os.scandir(out / SPLIT) if e.is_file()}  # one listing, no stat storm
     return False, [s for s in range(p.shards)
-                   if (sizes.get(f"{shard_name(s)}.idx"), sizes.get(f"{shard_name(s)}.val")) == p.shard_bytes(cfg, s)]
+                   if tuple(sizes.get(f"{shard_name(s)}.{kind}") for kind in KINDS) == p.shard_bytes(cfg, s)]
 
 
 def _collective(fn, *args):
@@ -413,6 +244,17 @@ class _Partial:
         Path(self.file.name).unlink(missing_ok=True)
 
 
+def _log_normaliser(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log sum exp(logits / T) over the vocabulary per position, fp32, a block of rows at a time (an fp32 copy of
+    a micro-batch's logits would be 16 GB at 8 x 4,096 x 128k)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    rows = max(1, (1 << 24) // flat.shape[1])
+    for start in range(0, flat.shape[0], rows):
+        out[start:start + rows] = torch.logsumexp(flat[start:start + rows].float() / temperature, dim=-1)
+    return out.view(logits.shape[:-1])
+
+
 def _store_values(values: torch.Tensor, kind: str) -> np.ndarray:
     """The top-k logits as stored: fp16, bf16's bits as uint16, or fp32 (little-endian)."""
     if kind == "bf16":
@@ -441,7 +283,7 @@ def write(cfg: CacheConfig, p: Plan, summary: str, launched: float) -> int:
         run.say(f"{out} is already complete for this teacher and data ({p.windows:,} windows, top-{k}); nothing to do")
         return run.close(0)
     todo = [s for s in range(p.shards) if s not in set(done)]
-    mine = [s for s in todo if s % d.world == d.rank]
+    mine = todo[d.rank::d.world]  # what is left, dealt out evenly (a dead rank's shards do not all come back to it)
     run.say(f"{summary}; {d.world} rank(s) on {d.device.type}")
     if done:
         run.say(f"skipping {len(done)} shard(s) already written; {len(todo)} to write")
@@ -465,7 +307,7 @@ def write(cfg: CacheConfig, p: Plan, summary: str, launched: float) -> int:
     started = time.perf_counter()
     with torch.inference_mode():
         for shard in mine:
-            files = [_Partial(out / SPLIT / f"{shard_name(shard)}.{kind}") for kind in ("idx", "val")]
+            files = [_Partial(out / SPLIT / f"{shard_name(shard)}.{kind}") for kind in KINDS]
             try:
                 ids = shard_windows(shard, p.windows, cfg.windows_per_shard)
                 for start in range(ids.start, ids.stop, cfg.micro_batch_size):
@@ -473,9 +315,11 @@ def write(cfg: CacheConfig, p: Plan, summary: str, launched: float) -> int:
                     x = torch.from_numpy(np.stack([p.train.window(w, seq_len)[:-1] for w in batch]).astype(np.int64))
                     logits = teacher(input_ids=x.to(d.device), use_cache=False).logits  # [B, S, V], forward dtype
                     values, indices = torch.topk(logits, k, dim=-1)  # largest first; no fp32 copy of the logits
+                    lse = _log_normaliser(logits, cfg.temperature)
                     del logits
                     files[0].write(indices.to(torch.int32).cpu().numpy().astype(p.index_dtype, copy=False))
                     files[1].write(_store_values(values, cfg.dtype))
+                    files[2].write(lse.cpu().numpy().astype(LSE_DTYPE, copy=False))
                     windows_done += len(batch)
                     bar.update(min(len(batch) * d.world, bar.total - bar.n))  # all ranks: own rate x world
                     if ckpt.fault_requested("cache-shard-mid", shard, d.rank):  # tests: killed mid-shard
@@ -540,7 +384,7 @@ def write(cfg: CacheConfig, p: Plan, summary: str, launched: float) -> int:
         shards = []
         for s in range(p.shards):
             sizes = p.shard_bytes(cfg, s)
-            for kind, size in zip(("idx", "val"), sizes, strict=True):
+            for kind, size in zip(KINDS, sizes, strict=True):
                 path = out / SPLIT / f"{shard_name(s)}.{kind}"
                 if not path.is_file() or path.stat().st_size != size:
                     raise CacheError(f"{path} is missing or short after every rank finished; rerun the same command")
@@ -552,7 +396,7 @@ def write(cfg: CacheConfig, p: Plan, summary: str, launched: float) -> int:
             "data": {"path": str(cfg.data.path.resolve()), "split": SPLIT,
                      "source_fingerprint": p.data_meta["source_fingerprint"], "split_digest": split_digest(p.data_meta),
                      "tokenizer_hash": p.data_meta["tokenizer"].get("hash")},
-            "seq_len": seq_len, "top_k": k, "vocab_size": p.teacher_config.vocab_size,
+            "seq_len": seq_len, "top_k": k, "temperature": cfg.temperature, "vocab_size": p.teacher_config.vocab_size,
             "index_dtype": p.index_dtype.name, "dtype": cfg.dtype, "value_dtype": p.value_dtype.name,
             "precision": str(p.dtype).removeprefix("torch."),
             "windows": p.windows, "windows_per_shard": cfg.windows_per_shard, "shards": shards,

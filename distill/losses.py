@@ -26,11 +26,23 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Elements per fp32 temporary of a block (2 MiB): rows per block = BLOCK_ELEMENTS // vocab (Llama 3: 4 rows,
-# GPT-2: 10), so a block stays in a core's L2 cache; see `lmforge.loss.BLOCK_ELEMENTS` for the measurements.
+# Elements per fp32 temporary of a block on CPU (2 MiB): rows per block = BLOCK_ELEMENTS // vocab (Llama 3: 4
+# rows, GPT-2: 10), so a block stays in a core's L2 cache; see `lmforge.loss.BLOCK_ELEMENTS` for the measurements.
 BLOCK_ELEMENTS = 1 << 19
+# On a GPU a block is a few kernel launches whatever its size, so blocks are large: 2^24 elements (64 MiB per fp32
+# temporary, ~5 of them live) is 130 rows at Llama 3's 128k vocabulary, 126 blocks for micro 4 x seq 4096 (the
+# CPU size would be 4,096 blocks of ~20 launches each: more time in launches than in the student's step).
+BLOCK_ELEMENTS_GPU = 1 << 24
+
+
+def block_rows(vocab: int, device: torch.device) -> int:
+    """Rows of [rows, vocab] logits per block on `device`."""
+    return max(1, (BLOCK_ELEMENTS if device.type == "cpu" else BLOCK_ELEMENTS_GPU) // vocab)
 
 KINDS = ("forward", "reverse", "jsd")
+
+# A cached teacher's mass beyond its top-k below this is rounding (1 - the sum of k fp32 probabilities), not a tail.
+TAIL_FLOOR = 1e-5
 
 # Reverse KL reads log p where the student has mass: a token the teacher rules out (a -inf logit: a masked or
 # padded vocabulary entry) would cost an infinite loss and a NaN gradient. Below fp32's smallest normal number
@@ -74,7 +86,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def topk_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, teacher_values: torch.Tensor,
-                 temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                 temperature: float = 1.0, mask: torch.Tensor | None = None,
+                 teacher_lse: torch.Tensor | None = None) -> torch.Tensor:
     """Forward KL from a teacher cached as its top-k logits (offline distillation, DistillKit's sparse
     logits): the mean over counted positions of sum over the k entries of p~ (log p~ - log q), in fp32, not
     times T^2, where p~ = softmax(teacher_values / T) over the k entries (zero elsewhere) and
@@ -90,7 +103,15 @@ def topk_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, te
     int64), distinct within a position (torch.topk's are; a repeated id would count that token twice);
     `teacher_values` [..., k] the teacher's logits there (fp16, bf16 or fp32); a cache that pads a position to k
     entries may give the padding -inf values (any index): they carry no probability. Gradient of the student
-    logits: (q - p~ scattered over the vocabulary) / T."""
+    logits: (q - p~ scattered over the vocabulary) / T.
+
+    With `teacher_lse` [...] (the teacher's log sum exp(logits / T) over the whole vocabulary, as
+    `python -m distill.cache` keeps it) nothing is renormalised: the teacher's top-k keep their true
+    probabilities p_i = exp(v_i / T - lse) and the rest of its mass, p_tail = 1 - sum p_i, is one more category,
+    matched by the student's mass outside those k tokens, Q_tail: the loss is the exact KL between the two
+    distributions over k + 1 categories. A teacher whose top-k hold little of its mass (a flat teacher, a high
+    T: the demo teacher's top-64 hold 13% at T = 2) is then not sharpened into another distribution.
+    Gradient: (q_i - p_i) / T on the top-k, q_j (1 - p_tail / Q_tail) / T elsewhere."""
     _check_temperature("topk_kd_loss", temperature)
     lead = tuple(student_logits.shape[:-1])
     if (student_logits.dim() < 1 or teacher_indices.dim() != student_logits.dim()
@@ -105,9 +126,12 @@ def topk_kd_loss(student_logits: torch.Tensor, teacher_indices: torch.Tensor, te
     _check_float("topk_kd_loss", student_logits=student_logits, teacher_values=teacher_values)
     vocab, k = student_logits.shape[-1], teacher_indices.shape[-1]
     valid = _flat_mask("topk_kd_loss", mask, student_logits)
+    if teacher_lse is not None and tuple(teacher_lse.shape) != lead:
+        raise ValueError(f"topk_kd_loss: teacher_lse {tuple(teacher_lse.shape)} must be the logits' leading shape {lead}")
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     return _TopKKDLoss.apply(student_logits.reshape(-1, vocab), teacher_indices.reshape(-1, k),
-                             teacher_values.detach().reshape(-1, k), valid, float(temperature), need_grad)
+                             teacher_values.detach().reshape(-1, k), valid, float(temperature), need_grad,
+                             None if teacher_lse is None else teacher_lse.detach().reshape(-1).float())
 
 
 def hidden_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, kind: str = "cosine",
@@ -197,7 +221,7 @@ class _KDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, valid, temperature, kind, beta, need_grad):
         rows, vocab = student.shape
-        block = max(1, BLOCK_ELEMENTS // vocab)
+        block = block_rows(vocab, student.device)
         count = valid.sum()
         # mean: each counted row's gradient is 1 / count, over T from the chain rule through z / T
         row_scale = valid.float() / (count.clamp(min=1).float() * temperature)
@@ -245,9 +269,9 @@ class _TopKKDLoss(torch.autograd.Function):
     the indices), the gradient (q - p~ scattered) / T in place of log q."""
 
     @staticmethod
-    def forward(ctx, student, indices, values, valid, temperature, need_grad):
+    def forward(ctx, student, indices, values, valid, temperature, need_grad, lse=None):
         rows, vocab = student.shape
-        block = max(1, BLOCK_ELEMENTS // vocab)
+        block = block_rows(vocab, student.device)
         count = valid.sum()
         row_scale = valid.float() / (count.clamp(min=1).float() * temperature)
         total = torch.zeros((), dtype=torch.float32, device=student.device)
@@ -256,12 +280,26 @@ class _TopKKDLoss(torch.autograd.Function):
             stop = min(start + block, rows)
             ok, idx = valid[start:stop], indices[start:stop].long()
             log_q = torch.log_softmax(_fp32_over(student[start:stop], temperature), dim=-1)
-            log_p = torch.log_softmax(_fp32_over(values[start:stop], temperature), dim=-1)  # [block, k]
+            if lse is None:  # the top-k renormalised
+                log_p = torch.log_softmax(_fp32_over(values[start:stop], temperature), dim=-1)  # [block, k]
+            else:  # their true probabilities; the tail is a category of its own
+                log_p = _fp32_over(values[start:stop], temperature) - lse[start:stop].unsqueeze(1)
             p = log_p.exp()
-            per_row = _row_sum(p, log_p - log_q.gather(1, idx))
+            log_q_top = log_q.gather(1, idx)
+            per_row = _row_sum(p, log_p - log_q_top)
+            if lse is not None:
+                # 1 - sum p carries the rounding of k fp32 terms (~1e-6): a tail below TAIL_FLOOR is none (k = V)
+                p_tail = 1.0 - p.sum(dim=1)
+                log_q_tail = torch.logsumexp(log_q.scatter(1, idx, float("-inf")), dim=1)  # exact, not 1 - sum
+                p_tail = torch.where((p_tail > TAIL_FLOOR) & (log_q_tail > float("-inf")), p_tail, 0.0)
+                per_row = per_row + torch.where(p_tail > 0, p_tail * (p_tail.clamp(min=1e-38).log() - log_q_tail), 0.0)
             total += torch.where(ok, per_row, 0.0).sum()
             if need_grad:
-                g = log_q.exp_().scatter_add_(1, idx, -p)  # q - p~, in place of log q
+                if lse is None:
+                    g = log_q.exp_().scatter_add_(1, idx, -p)  # q - p~, in place of log q
+                else:  # q (1 - p_tail / Q_tail) everywhere, then q - p on the top-k
+                    ratio = torch.where(p_tail > 0, p_tail / log_q_tail.exp().clamp(min=1e-30), 0.0)
+                    g = log_q.exp_().mul_((1.0 - ratio).unsqueeze(1)).scatter_(1, idx, log_q_top.exp() - p)
                 grad[start:stop] = torch.where(ok.unsqueeze(1), g * row_scale[start:stop].unsqueeze(1), 0.0)
         ctx.save_for_backward(grad)
         return total / count.clamp(min=1)
@@ -271,4 +309,4 @@ class _TopKKDLoss(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad is not None:
             grad = grad.mul_(grad_out.to(grad.dtype))
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None

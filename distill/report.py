@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import statistics
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -85,16 +88,20 @@ def write(cfg, run_dir: Path, lm: bool, teacher_config, teacher_eval: dict, labe
 
     models, facts, notes = {}, {}, []
     for name, folder in folders.items():
-        model = model_class(_config(folder)).from_pretrained(folder, dtype=dtype)
-        facts[name] = sizes(model, folder)
-        fits = device.type != "cuda" or facts[name]["params"] * torch.finfo(dtype).bits // 8 < \
-            0.8 * torch.cuda.mem_get_info(device)[0]
+        config = _config(folder)
+        with torch.device("meta"):  # counted without memory: a 70B teacher is sized, then timed only if it fits
+            facts[name] = sizes(model_class(config)(config), folder)
         if name == "baseline":  # the student's architecture: timed once, as the student
             continue
-        if fits:
-            models[name] = model.to(device).eval()
-        else:
-            notes.append(f"the {name} does not fit one {device.type} device: not timed")
+        # the weights, and the forward's logits in fp32 twice over (what a [batch, seq, vocab] forward may hold)
+        needed = facts[name]["params"] * torch.finfo(dtype).bits // 8 + 2 * 4 * batch.numel() * config.vocab_size
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else \
+            os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if needed > 0.8 * free:
+            notes.append(f"the {name} ({needed / 1e9:.1f} GB with its logits) does not fit this {device.type} "
+                         f"({free / 1e9:.1f} GB free): not timed")
+            continue
+        models[name] = model_class(config).from_pretrained(folder, dtype=dtype).to(device).eval()
     seconds = timed(models, batch, cfg.report.speed_runs) if models else {}
     for name, s in seconds.items():
         facts[name] |= {"forward_seconds": s, "tokens_per_s": batch.numel() / s, "examples_per_s": batch.shape[0] / s}
@@ -239,3 +246,20 @@ def plot(report: dict, run_dir: Path) -> Path:
     fig.savefig(buf, format="png")
     atomic.write_bytes(run_dir / "plots" / "report.png", buf.getvalue())
     return run_dir / "plots" / "report.png"
+
+
+def write_for(cfg, run, lm: bool, teacher_config, record: dict, labels, pad_id, val, val_ids, test, dtype) -> int:
+    """The stage's call (rank 0, after the export): `write`, and its outcome in the log; 0, or 1 when it failed."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars of three small loads
+    try:
+        path = write(cfg, run.dir, lm, teacher_config, record.get("teacher_eval") or {}, labels, pad_id, val,
+                     val_ids, test, run.dist.device, dtype)
+    except Exception as e:  # the model is trained and exported: say what failed; a rerun writes the report only
+        traceback.print_exc()
+        run.say(f"error: the report failed ({type(e).__name__}: {e}); {run.dir / 'final'} is complete. Rerun the "
+                "same command to write the report again", file=sys.stderr)
+        return 1
+    run.say(f"report: {path}\n" + headline(json.loads((run.dir / "report.json").read_text())))
+    return 0

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from lmforge import atomic
-from lmforge.checkpoint import TOKENIZER_FILES, model_class
-from lmforge.models import ModelError
+from lmforge.checkpoint import TOKENIZER_FILES, config_digest, model_class, weights_digest
+from lmforge.models import ModelError, classifier_config, folder_config, model_config
+from lmforge.tokenizer import vocabulary_hash
 
 # A decoder layer's parameters, in every transformers causal LM and classifier lmforge builds: Llama-style
 # `model.layers.N.` and GPT-2's `transformer.h.N.` (any prefix: a classifier's body is the same).
@@ -52,27 +53,28 @@ def from_teacher(teacher: Path, config, layers: list[int], out: Path, identity: 
     (a checkpoint trained from it is refused by the resume check)."""
     import json
 
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     mark = Path(out) / "student_init.json"
     if mark.is_file() and json.loads(mark.read_text()) == identity:
         return
-
     student = subset_config(config, layers, teacher)
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(Path(teacher).glob("*.safetensors")):
-        state.update(load_file(str(path)))
-    if not state:
+    files = sorted(Path(teacher).glob("*.safetensors"))
+    if not files:
         raise ModelError(f"teacher: {teacher} has no safetensors weights to copy layers from")
     where = {teacher_index: j for j, teacher_index in enumerate(layers)}
     copied: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        match = LAYER_KEY.match(key)
-        if match is None:
-            copied[key] = value
-        elif int(match.group(2)) in where:
-            copied[f"{match.group(1)}.{where[int(match.group(2))]}.{match.group(3)}"] = value
-    seen = {int(m.group(2)) for m in map(LAYER_KEY.match, state) if m}
+    seen: set[int] = set()
+    for path in files:  # only the kept tensors are read: half of a 70B teacher is 70 GB less in rank 0's memory
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                match = LAYER_KEY.match(key)
+                if match is None:
+                    copied[key] = f.get_tensor(key)
+                    continue
+                seen.add(int(match.group(2)))
+                if int(match.group(2)) in where:
+                    copied[f"{match.group(1)}.{where[int(match.group(2))]}.{match.group(3)}"] = f.get_tensor(key)
     if len(seen) != teacher_layers(config):
         raise ModelError(f"teacher: {teacher}'s weights name {len(seen)} layers, its config {teacher_layers(config)}; "
                          "lmforge copies layers named `...layers.N.` or `...h.N.`")
@@ -101,3 +103,54 @@ class Projections(torch.nn.Module):
 
     def forward(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         return self.maps[index](hidden)
+
+
+def identities(cfg, teacher_config) -> tuple[dict, dict | None]:
+    """The teacher's identity (config digest, weights digest) and the student's start's (from_teacher: that teacher
+    and the layers; init_from: the folder's weights; a fresh student: None). Rank 0 reads the files."""
+    teacher_id = {"config": config_digest(teacher_config), "weights": weights_digest(cfg.teacher)}
+    if cfg.student.from_teacher:
+        return teacher_id, {"teacher": teacher_id, "layers": cfg.student.from_teacher.layers}
+    if cfg.student.init_from:
+        return teacher_id, {"folder": str(cfg.student.init_from.resolve()),
+                            "weights": weights_digest(cfg.student.init_from)}
+    return teacher_id, None
+
+
+def resolve(cfg, teacher_config, teacher_vocab: str, labels: list | None, pad_id: int | None, seq_len: int):
+    """The student's transformers config and the folder it starts from (None: a fresh initialisation), from
+    `student:` (from_teacher: RUN_DIR/student_init, written later; model: a size; init_from: a folder, which must
+    share the teacher's vocabulary). A classifier student (`labels`) gets the teacher's labels. ModelError."""
+    from transformers import AutoConfig
+
+    lm = labels is None
+    student_init = None
+    if cfg.student.from_teacher:
+        layers = cfg.student.from_teacher.layers
+        student_config = subset_config(teacher_config, layers, cfg.teacher)
+        student_init = cfg.run_dir / "student_init"
+    elif cfg.student.model:
+        base = model_config(cfg.student.model, None, teacher_config.vocab_size, teacher_config.eos_token_id,
+                            pad_id, seq_len)
+        student_config = base if lm else classifier_config(base, labels, pad_id)
+    else:
+        student_init = cfg.student.init_from
+        if not (student_init / "config.json").is_file():
+            raise ModelError(f"student.init_from: {student_init} is not a Hugging Face model folder (no config.json)")
+        if vocabulary_hash(student_init) != teacher_vocab:
+            raise ModelError(f"student.init_from: {student_init} has another tokenizer than the teacher "
+                             f"{cfg.teacher} (tokenizer.json differs); a student must share the teacher's")
+        own = AutoConfig.from_pretrained(student_init)
+        if (own.architectures or ["?"])[0].endswith("ForSequenceClassification"):
+            if lm:
+                raise ModelError(f"student.init_from: {student_init} is a classifier; a language model's student "
+                                 "is a causal LM folder")
+            if own.id2label != teacher_config.id2label:
+                raise ModelError(f"student.init_from: {student_init}'s labels {own.id2label} are not the "
+                                 f"teacher's {teacher_config.id2label}")
+            student_config = own
+        else:  # a causal LM: a classifier student gets a new head over its body
+            student_config = folder_config(student_init, seq_len, "data.seq_len" if lm else "task.max_length")
+            if not lm:
+                student_config = classifier_config(student_config, labels, pad_id)
+    return student_config, student_init

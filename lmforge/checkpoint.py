@@ -524,6 +524,8 @@ def export_checkpoint(run_dir: Path, out: Path, step: int | None = None) -> Chec
         raise CheckpointError(f"{root}: no complete checkpoint at step {step}; have steps {[c.step for c in found]}")
     r = chosen.record
     state_dict = engine.state_dict_from_checkpoint(root, chosen.tag)
+    skipped = tuple(r.get("export_skips", ()))  # training aids saved with the model (a distillation's projections)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(skipped)} if skipped else state_dict
     dtype = getattr(torch, r.get("dtype", "float32"))
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     tokenizer_dir = Path(run_dir) / "tokenizer"

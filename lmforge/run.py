@@ -286,7 +286,7 @@ class Run:
                     "Make sure only one job uses it, then rerun")
         if tag == self.resume.tag:  # (a universal copy is rank 0's own conversion, read just after it)
             problem = ckpt.unreadable(path, self.dist.rank, self.resume.step, self.resume.record.get("zero_stage"))
-            self._agree(vanished if problem and not os.path.isfile(path / ckpt.RECORD) else problem)
+            self.agree(vanished if problem and not os.path.isfile(path / ckpt.RECORD) else problem)
         problem = None
         try:
             _engine().load_checkpoint(engine, self.checkpoints, tag)
@@ -303,7 +303,7 @@ class Run:
                 traceback.print_exc()
                 problem = (f"rank {self.dist.rank} failed loading {path}: {type(e).__name__}: {str(e)[:300]} (its "
                            "traceback is in that rank's output)")
-        self._agree(problem)
+        self.agree(problem)
         saved = _engine().broadcast_object(ckpt.rng_ranks(path) if self.dist.is_main else None)
         if not ckpt.load_rng(path, self.dist.rank, saved):  # a rank the saving run did not have
             import torch
@@ -311,7 +311,7 @@ class Run:
             torch.manual_seed(rank_seed(seed, self.dist.rank, self.resume.step))
         return self.resume.record, time.perf_counter() - began
 
-    def _agree(self, problem: str | None) -> None:
+    def agree(self, problem: str | None) -> None:
         """One collective over every rank's problem (None: none): a rank failing alone stops every rank now,
         with its reason, instead of leaving them in the next collective until engine.collective_timeout."""
         problems = [p for p in _engine().gather_objects(problem) if p]

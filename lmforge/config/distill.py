@@ -35,6 +35,11 @@ class CacheConfig(StrictModel):
     """Windows per cache file pair (a rank writes whole shards; a rerun redoes only the missing ones)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """The teacher's forward dtype: auto is bf16 on a GPU with native bf16, fp32 elsewhere."""
+    temperature: float = Field(1.0, gt=0)
+    """The distillation's kd.temperature: the teacher's log-normaliser is kept at it, so the mass beyond its top-k is
+    known (a distillation at another temperature is refused)."""
+    eval_windows: int = Field(64, ge=1)
+    """Validation windows the teacher's perplexity is measured on: the distillation's eval.windows (they must agree)."""
     progress: bool = True
     """Show a progress bar (rank 0)."""
 
@@ -76,7 +81,8 @@ class HiddenLossConfig(StrictModel):
     """A loss between hidden states (DistilBERT's cosine term), on chosen layer pairs."""
 
     pairs: list[tuple[int, int]] = Field(min_length=1)
-    """[student, teacher] hidden-state indices (0: the embeddings, i: the output of layer i), e.g. [[2, 4]]."""
+    """[student, teacher] hidden-state indices (0: the embeddings, i: layer i's output; the last is after the final
+    norm, the others before it: pair last with last), e.g. [[2, 4]]."""
     loss: Literal["cosine", "mse"] = "cosine"
     """cosine: 1 - cos(student, teacher) per token; mse: mean squared difference."""
     weight: float = Field(1.0, gt=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -23,15 +24,38 @@ def weights(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
+def wide_teacher(root, tiny_lm):
+    """A 2-layer Llama of width 256 with tiny_lm's tokenizer: its matrices (131k elements) are above ZeRO-3's
+    persistence threshold (1e5), so partitioning really splits them (tiny_lm's are all kept whole)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = root / "wide-teacher"
+    shutil.copytree(tiny_lm, out, ignore=shutil.ignore_patterns("*.safetensors", "config.json", "generation_config.json"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 bos_token_id=None, eos_token_id=0, pad_token_id=1)).save_pretrained(out)
+    return out
+
+
 def test_a_zero3_teacher_trains_the_student_as_a_replicated_one_does(tmp_path, tiny_lm, tiny_data):
-    """The teacher partitioned by its own ZeRO-3 engine beside a ZeRO-2 student: the same losses and weights as
-    the teacher whole on every rank; the export loads as a causal LM and the report compares the two models."""
+    """The teacher partitioned by its own ZeRO-3 engine (its large matrices split over the ranks, forwards in step)
+    beside a ZeRO-2 student: the same losses and weights as the teacher whole on every rank; the export loads as a
+    causal LM and the report compares the two models. A run stopped after its last save (its export lost) exports
+    and reports the scores it had."""
+    import re
+
+    teacher = wide_teacher(tmp_path, tiny_lm)
     runs = {}
     for name, zero3 in (("replicated", False), ("partitioned", True)):
-        cfg = distill_config(tmp_path / f"{name}.yaml", tiny_lm, tmp_path / name, tiny_data, teacher_zero3=zero3)
+        cfg = distill_config(tmp_path / f"{name}.yaml", teacher, tmp_path / name, tiny_data, teacher_zero3=zero3)
         proc = launch("distill", cfg, nproc=2)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert ("teacher partitioned (ZeRO-3)" in proc.stdout) == zero3, proc.stdout
+        if zero3:
+            held, whole = (int(n.replace(",", "")) for n in re.search(
+                r"teacher partitioned by ZeRO-3: ([\d,]+) of its ([\d,]+) parameters", proc.stdout).groups())
+            assert held < 0.6 * whole, (held, whole)  # split over 2 ranks, small vectors kept whole
         runs[name] = tmp_path / name
     a, b = metrics(runs["replicated"]), metrics(runs["partitioned"])
     assert a.keys() == b.keys() == set(range(1, 7))
@@ -46,11 +70,24 @@ def test_a_zero3_teacher_trains_the_student_as_a_replicated_one_does(tmp_path, t
     assert student.config.num_hidden_layers == 1
     report = json.loads((runs["partitioned"] / "report.json").read_text())
     assert report["kind"] == "language-model" and report["models"]["teacher"]["params"] > report["models"]["student"]["params"]
-    assert report["speedup"] > 0 and report["ppl_ratio"] > 0 and report["beats_baseline"] is None
+    assert report["speedup"] > 1.0 and report["beats_baseline"] is None  # half the layers of the wide teacher
+    assert report["ppl_ratio"] == pytest.approx(report["models"]["student"]["score"]["ppl"] /
+                                                report["models"]["teacher"]["score"]["ppl"])
     assert report["models"]["teacher"]["score"]["ppl"] == json.loads(
         (runs["partitioned"] / "summary.json").read_text())["teacher"]["teacher/ppl"]
     lineage = json.loads((runs["partitioned"] / "final" / "lineage.json").read_text())
-    assert lineage["stage"] == "distill" and lineage["parent"] == str(tiny_lm.resolve())
+    assert lineage["stage"] == "distill" and lineage["parent"] == str(teacher.resolve())
+    # the export and the report lost (a kill after the last save): the rerun exports and reports the same scores
+    run = runs["replicated"]
+    before = json.loads((run / "report.json").read_text())
+    shutil.rmtree(run / "final")
+    for name in ("report.json", "report.md", "summary.json"):
+        (run / name).unlink()
+    again = launch("distill", tmp_path / "replicated.yaml", nproc=2)
+    assert again.returncode == 0 and "at step 6" in again.stdout, again.stderr[-3000:]
+    after = json.loads((run / "report.json").read_text())
+    assert after["ppl_ratio"] == before["ppl_ratio"] is not None
+    assert json.loads((run / "summary.json").read_text())["val"]["val/ppl"] == before["models"]["student"]["score"]["ppl"]
 
 
 def test_a_killed_distillation_resumes_bit_for_bit_and_refuses_another_teacher(tmp_path, tiny_lm, tiny_data):

@@ -35,7 +35,7 @@ def test_two_ranks_write_what_one_writes(tmp_path, tiny_lm, small, one_rank):
     done = launch("distill.cache", cache_config(tmp_path / "c.yaml", tiny_lm, small, tmp_path / "cache"), nproc=2)
     assert done.returncode == 0, done.stderr
     assert "2 rank(s)" in done.stdout and "10 shard(s) written, 0 skipped" in done.stdout, done.stdout
-    assert len(files(one_rank)) == 20
+    assert len(files(one_rank)) == 30
     assert files(tmp_path / "cache") == files(one_rank)
     meta, ref = (json.loads((f / "meta.json").read_text()) for f in (tmp_path / "cache", one_rank))
     assert meta["world_size"] == 2 and meta["tokens_computed"] == ref["tokens_computed"] == 40 * 32
@@ -53,7 +53,7 @@ def test_killed_run_resumes_byte_identical(tmp_path, tiny_lm, small, one_rank):
     assert list(train.glob(".shard-00005.*.tmp")), sorted(p.name for p in train.iterdir())  # its temporaries
     whole = {1, 3} | {s for s in range(0, 10, 2) if (train / f"shard-{s:05d}.val").exists()}
     kept = files(tmp_path / "cache")
-    assert {f"shard-{s:05d}.{k}" for s in whole for k in ("idx", "val")} == set(kept)
+    assert {f"shard-{s:05d}.{k}" for s in whole for k in ("idx", "val", "lse")} == set(kept)
     assert all(kept[n] == data for n, data in files(one_rank).items() if n in kept)
 
     rerun = launch("distill.cache", cfg, nproc=2, timeout=120)
@@ -78,7 +78,7 @@ def test_offline_distillation_resumes_bit_for_bit_and_refuses_a_cache_of_another
 
     from ..harness import distill_config
 
-    common = {"cache": one_rank, "eval": {"windows": 4}}
+    common = {"cache": one_rank, "eval": {"windows": 64}}  # the 10 windows of the slice's val split, as the cache
     straight = distill_config(tmp_path / "a.yaml", tiny_lm, tmp_path / "straight", small, **common)
     done = launch("distill", straight, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -103,4 +103,19 @@ def test_offline_distillation_resumes_bit_for_bit_and_refuses_a_cache_of_another
     cfg = distill_config(tmp_path / "o.yaml", other, tmp_path / "other", small, **common)
     refused = launch("distill", cfg)
     assert refused.returncode == 2 and "another teacher" in refused.stderr, refused.stderr[-2000:]
-    assert not (tmp_path / "other").exists()
+    assert not (tmp_path / "other" / "checkpoints").exists() and not (tmp_path / "other" / "final").exists()
+    # the student scored on other validation windows than the teacher: refused, with the setting to use
+    cfg = distill_config(tmp_path / "w.yaml", tiny_lm, tmp_path / "windows", small, cache=one_rank, eval={"windows": 4})
+    refused = launch("distill", cfg)
+    assert refused.returncode == 2 and "set eval.windows=10" in refused.stderr, refused.stderr[-2000:]
+    # a damaged shard stops the run before any step, on every rank
+    victim = sorted((one_rank / "train").glob("*.val"))[-1]
+    saved = victim.read_bytes()
+    victim.write_bytes(saved[:-2])
+    try:
+        cfg = distill_config(tmp_path / "d.yaml", tiny_lm, tmp_path / "damaged", small, **common)
+        refused = launch("distill", cfg, nproc=2)
+        assert refused.returncode != 0 and f"{victim}: expected" in refused.stderr, refused.stderr[-2000:]
+        assert not (tmp_path / "damaged" / "checkpoints").exists()
+    finally:
+        victim.write_bytes(saved)

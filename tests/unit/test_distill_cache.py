@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from distill import cache as dc
+from distill import teacher_cache as tc
 from distill.losses import kd_loss, topk_kd_loss
 from lmforge import atomic
 from lmforge.data.sampler import eval_windows
@@ -51,7 +52,7 @@ def small_shards(src: Path, dst: Path, windows: int = WINDOWS, val_windows: int 
 def cache_config(path: Path, teacher: Path, data: Path, out: Path, **extra) -> Path:
     return write_yaml(path, {"teacher": str(teacher), "data": {"path": str(data), "seq_len": SEQ},
                              "out_dir": str(out), "top_k": 8, "windows_per_shard": 4, "micro_batch_size": 3,
-                             "progress": False, **extra})
+                             "temperature": 2.0, "progress": False, **extra})  # distill_config's kd.temperature
 
 
 def run_cache(*argv) -> tuple[int, str]:
@@ -114,17 +115,21 @@ def test_cache_is_the_teachers_topk(top8, tiny_lm, small):
     meta = json.loads((folder / "meta.json").read_text())
     assert (meta["windows"], meta["seq_len"], meta["top_k"], meta["index_dtype"], meta["dtype"]) == \
         (WINDOWS, SEQ, 8, "uint16", "fp16")
-    assert meta["bytes_per_token"] == 2 * 8 + 2 * 8
+    assert meta["bytes_per_token"] == 2 * 8 + 2 * 8 + 4  # uint16 ids, fp16 logits, the fp32 log-normaliser
     assert [s["windows"] for s in meta["shards"]] == [4] * 10
     assert (folder / "train" / "shard-00009.idx").stat().st_size == 4 * SEQ * 8 * 2
     assert meta["teacher_tokens_per_s"] > 0 and meta["tokens_computed"] == WINDOWS * SEQ
-    assert "40 windows" in out and "32 bytes per token" in out and "tokens/s" in out
+    assert "40 windows" in out and "36 bytes per token" in out and "tokens/s" in out
 
-    cache = dc.TeacherCache(folder, SEQ)
+    cache = tc.TeacherCache(folder, SEQ)
     indices, values = cache.rows(list(range(WINDOWS)))
     assert indices.dtype == torch.int64 and values.dtype == torch.float32
     assert tuple(indices.shape) == tuple(values.shape) == (WINDOWS, SEQ, 8)
     logits = teacher_logits(tiny_lm, small, range(WINDOWS))
+    # the log-normaliser at the cache's temperature, over the whole vocabulary
+    assert meta["temperature"] == 2.0 and (folder / "train" / "shard-00009.lse").stat().st_size == 4 * SEQ * 4
+    torch.testing.assert_close(cache.lse(list(range(WINDOWS))), torch.logsumexp(logits.float() / 2.0, dim=-1),
+                               atol=1e-4, rtol=1e-5)
     ref_values, ref_indices = torch.topk(logits, 8, dim=-1)
     torch.testing.assert_close(values, ref_values.half().float(), atol=2e-3, rtol=1e-3)
     # the ids hold the logits stored beside them (ties may order differently), and equal the reference's where
@@ -159,8 +164,8 @@ def test_full_vocabulary_cache_gives_the_live_teachers_kd_loss(tmp_path, tiny_lm
     cfg = cache_config(tmp_path / "full.yaml", tiny_lm, small, tmp_path / "full", top_k=512, dtype="fp32")
     code, out = run_cache(cfg)
     assert code == 0, out
-    cache = dc.TeacherCache(tmp_path / "full", SEQ)
-    assert cache.meta["bytes_per_token"] == 2 * 512 + 4 * 512
+    cache = tc.TeacherCache(tmp_path / "full", SEQ)
+    assert cache.meta["bytes_per_token"] == 2 * 512 + 4 * 512 + 4
     windows = [0, 5, 22, 39]
     indices, values = cache.rows(windows)
     logits = teacher_logits(tiny_lm, small, windows)
@@ -179,7 +184,7 @@ def test_bf16_values_round_trip(tmp_path, tiny_lm, small):
                        windows_per_shard=64)
     code, out = run_cache(cfg, "data.seq_len=16")  # another seq_len: 80 windows in one shard
     assert code == 0, out
-    cache = dc.TeacherCache(tmp_path / "bf16", 16)
+    cache = tc.TeacherCache(tmp_path / "bf16", 16)
     assert cache.meta["value_dtype"] == "uint16" and len(cache) == 80
     _, values = cache.rows([0, 79])
     train = TokenShards(small, "train")
@@ -205,27 +210,27 @@ def test_rerun_is_a_no_op(top8):
 
 def test_another_teacher_or_seq_len_is_refused(tmp_path, top8, tiny_lm, tiny_data, small):
     cfg, folder, _ = top8
-    cache = dc.TeacherCache(folder, SEQ)
+    cache = tc.TeacherCache(folder, SEQ)
     meta = read_meta(small)
-    mine = dc.teacher_identity(tiny_lm)
+    mine = tc.teacher_identity(tiny_lm)
     # the identity `python -m distill` records for its teacher (teacher_id in distill/__main__.py)
     from lmforge import checkpoint as ckpt
     from lmforge.models import folder_config
 
     assert mine == {"config": ckpt.config_digest(folder_config(tiny_lm, SEQ, "data.seq_len")),
                     "weights": ckpt.weights_digest(tiny_lm)}
-    cache.check(mine, dc.data_identity(meta, SEQ))  # its own teacher and data: accepted
-    cache.check(None, dc.data_identity(meta, SEQ))
+    cache.check(mine, tc.data_identity(meta, SEQ))  # its own teacher and data: accepted
+    cache.check(None, tc.data_identity(meta, SEQ))
 
     other = other_teacher(tiny_lm, tmp_path / "other")
-    with pytest.raises(dc.CacheError, match="built from another teacher"):
-        cache.check(dc.teacher_identity(other), dc.data_identity(meta, SEQ))
-    with pytest.raises(dc.CacheError, match="built for another seq_len"):
-        cache.check(mine, dc.data_identity(meta, 16))
-    with pytest.raises(dc.CacheError, match="built from other data"):
-        cache.check(mine, dc.data_identity(read_meta(tiny_data), SEQ))
-    with pytest.raises(dc.CacheError, match="another seq_len"):
-        dc.TeacherCache(folder, 16)
+    with pytest.raises(tc.CacheError, match="built from another teacher"):
+        cache.check(tc.teacher_identity(other), tc.data_identity(meta, SEQ))
+    with pytest.raises(tc.CacheError, match="built for another seq_len"):
+        cache.check(mine, tc.data_identity(meta, 16))
+    with pytest.raises(tc.CacheError, match="built from other data"):
+        cache.check(mine, tc.data_identity(read_meta(tiny_data), SEQ))
+    with pytest.raises(tc.CacheError, match="another seq_len"):
+        tc.TeacherCache(folder, 16)
 
     # the CLI into the same out_dir: refused, nothing touched
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (folder / "train").iterdir())
@@ -242,8 +247,8 @@ def test_another_teacher_or_seq_len_is_refused(tmp_path, top8, tiny_lm, tiny_dat
     (partial / "meta.json").unlink()
     code, out = run_cache(cfg, f"out_dir={partial}", f"teacher={other}")
     assert code == 2 and "partial teacher cache built from another teacher" in out, out
-    with pytest.raises(dc.CacheError, match="not a finished teacher cache.*rerun"):
-        dc.TeacherCache(partial, SEQ)
+    with pytest.raises(tc.CacheError, match="not a finished teacher cache.*rerun"):
+        tc.TeacherCache(partial, SEQ)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, tiny_lm, small):
@@ -275,7 +280,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_lm, small):
 
 def test_reader_holds_at_most_max_open_maps(tmp_path, top8):
     _, folder, _ = top8
-    reference = dc.TeacherCache(folder, SEQ).rows(list(range(WINDOWS)))
+    reference = tc.TeacherCache(folder, SEQ).rows(list(range(WINDOWS)))
 
     def open_files() -> tuple[int, int]:
         """(descriptors, mappings) this process holds on the cache's shard files."""
@@ -286,7 +291,7 @@ def test_reader_holds_at_most_max_open_maps(tmp_path, top8):
                 if line.split()[-1].startswith(root)}
         return fds, len(maps)
 
-    cache = dc.TeacherCache(folder, SEQ, max_open=3)
+    cache = tc.TeacherCache(folder, SEQ, max_open=3)
     rng = np.random.default_rng(0)
     most = (0, 0)
     for _ in range(30):
@@ -305,17 +310,17 @@ def test_reader_holds_at_most_max_open_maps(tmp_path, top8):
     shutil.copytree(folder, damaged)
     with open(damaged / "train" / "shard-00002.val", "r+b") as f:
         f.truncate(100)
-    cache = dc.TeacherCache(damaged, SEQ)
+    cache = tc.TeacherCache(damaged, SEQ)
     cache.rows([0, 7])  # other shards read fine
-    with pytest.raises(dc.CacheError, match=r"shard-00002\.val: expected 2048 bytes, found 100"):
+    with pytest.raises(tc.CacheError, match=r"shard-00002\.val: expected 2048 bytes, found 100"):
         cache.rows([9])
     (damaged / "train" / "shard-00003.idx").unlink()
-    with pytest.raises(dc.CacheError, match=r"shard-00003\.idx: missing"):
+    with pytest.raises(tc.CacheError, match=r"shard-00003\.idx: missing"):
         cache.rows([12])
-    with pytest.raises(dc.CacheError, match="outside"):
+    with pytest.raises(tc.CacheError, match="outside"):
         cache.rows([WINDOWS])
-    with pytest.raises(dc.CacheError, match="no meta.json"):
-        dc.TeacherCache(tmp_path / "nowhere", SEQ)
+    with pytest.raises(tc.CacheError, match="no meta.json"):
+        tc.TeacherCache(tmp_path / "nowhere", SEQ)
 
 
 def test_dry_run_and_the_distill_schema(tmp_path, tiny_lm, small):
@@ -325,7 +330,7 @@ def test_dry_run_and_the_distill_schema(tmp_path, tiny_lm, small):
 
     cfg = cache_config(tmp_path / "c.yaml", tiny_lm, small, tmp_path / "cache")
     code, out = run_cache(cfg, "top_k=64", "--dry-run")
-    assert code == 0 and "top_k: 64" in out and "256 bytes per token" in out, out  # the default: uint16 + fp16
+    assert code == 0 and "top_k: 64" in out and "260 bytes per token" in out, out  # uint16 + fp16, fp32 normaliser
     assert not (tmp_path / "cache").exists()
 
     base = {"run_dir": str(tmp_path / "run"), "teacher": str(tiny_lm), "student": {"from_teacher": {"layers": [1]}},

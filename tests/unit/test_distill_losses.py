@@ -400,3 +400,50 @@ def test_class_kd_loss_matches_kl_div(temperature):
     torch.testing.assert_close(got_grad, want_grad)
     with pytest.raises(ValueError, match="batch, classes"):
         class_kd_loss(student.unsqueeze(0), teacher.unsqueeze(0))
+
+
+def test_blocks_are_cache_sized_on_cpu_and_large_on_a_gpu():
+    """4 rows of Llama 3's vocabulary per block on CPU (L2-sized), ~130 on a GPU (launch-bound otherwise)."""
+    assert losses.block_rows(128_256, torch.device("cpu")) == 4
+    assert losses.block_rows(128_256, torch.device("cuda")) == 130
+    assert losses.block_rows(10 ** 9, torch.device("cuda")) == 1
+
+
+def _tail_kl(s, t, idx, temperature):
+    """The KL over the teacher's top-k plus one category for the rest, from full softmaxes (the reference)."""
+    p, q = torch.softmax(t.double() / temperature, -1), torch.softmax(s.double() / temperature, -1)
+    p_top, q_top = p.gather(-1, idx), q.gather(-1, idx)
+    p_tail, q_tail = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
+    per = (p_top * (p_top.log() - q_top.log())).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+    return per.mean()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_with_the_teachers_normaliser_is_the_exact_kl_over_the_topk_and_the_tail(monkeypatch, temperature):
+    torch.manual_seed(3)
+    s = torch.randn(3, 5, 41, dtype=torch.float64).float().requires_grad_(True)
+    t = torch.randn(3, 5, 41) * 2
+    values, idx = t.topk(6, dim=-1)
+    lse = torch.logsumexp(t / temperature, dim=-1)
+    monkeypatch.setattr(losses, "BLOCK_ELEMENTS", 4 * 41)  # several blocks
+    got = losses.topk_kd_loss(s, idx, values, temperature, teacher_lse=lse)
+    (grad,) = torch.autograd.grad(got, s)
+    ref_s = s.detach().double().requires_grad_(True)
+    want = _tail_kl(ref_s, t, idx, temperature)
+    (ref_grad,) = torch.autograd.grad(want, ref_s)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+    # k = V: no tail, the full forward KL
+    all_values, all_idx = t.topk(41, dim=-1)
+    full = losses.topk_kd_loss(s, all_idx, all_values, temperature, teacher_lse=lse)
+    assert full.item() == pytest.approx(losses.kd_loss(s, t, temperature).item(), rel=1e-5)
+    # renormalising instead distorts a flat teacher: a different, larger loss here
+    renormalised = losses.topk_kd_loss(s, idx, values, temperature)
+    assert abs(renormalised.item() - got.item()) > 1e-2
+
+
+def test_topk_with_the_normaliser_refuses_a_misshapen_one():
+    s, t = torch.randn(2, 3, 11), torch.randn(2, 3, 11)
+    values, idx = t.topk(4, dim=-1)
+    with pytest.raises(ValueError, match="teacher_lse"):
+        losses.topk_kd_loss(s, idx, values, 1.0, teacher_lse=torch.zeros(2))
