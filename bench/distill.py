@@ -11,6 +11,9 @@ CONFIG.yaml` (2 CPU ranks, gloo, OMP_NUM_THREADS=1, DS_ACCELERATOR=cpu, fp32, De
    half-depth student from teacher layers 0 and 2, `report.baseline: true`): the stage's own report.json.
 2. Classifier: the demo classification fine-tune of that model (configs/finetune/demo.yaml, into this work
    folder, skipped when done) distilled with configs/distill/demo_classifier.yaml: its report.json.
+   With `strong` also: the same distillation from the demo model pretrained 800 steps instead of 400 (the
+   teacher bench/finetune_why.py --longer 800 makes, made here when missing): a teacher the students do not
+   overtake within their 300 steps.
 3. Offline against live: the same student, config and steps trained from the live teacher and from its cached
    top-k logits (`python -m distill.cache`, top_k 64, fp16 values), on a slice of the demo data (its first
    `--cache-windows` train windows: caching all 31k windows would take the teacher ~20 CPU-minutes); student
@@ -42,6 +45,7 @@ from bench.report import write_section  # noqa: E402
 from bench.train import torchrun  # noqa: E402
 
 BEGIN, END = "<!-- bench:distill:begin -->", "<!-- bench:distill:end -->"
+PARTS = ("lm", "classifier", "strong", "throughput")
 WORLD = 2
 
 
@@ -145,9 +149,14 @@ def main() -> int:
                         "60; smoke 4)")
     parser.add_argument("--cache-windows", type=int, default=None, help="train windows of the offline/live slice "
                         "(default 2048; smoke 64)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run (default all: "
+                        f"{','.join(PARTS)}); the others are kept from OUT/distill.json with the commit they ran at")
     parser.add_argument("--out", type=Path, default=None, help="folder for distill.json (default bench/results)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default bench/work/distill[-smoke])")
     args = parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    if not set(parts) <= set(PARTS):
+        parser.error(f"--parts: choose from {', '.join(PARTS)}")
     began, code = time.perf_counter(), code_state()
     args.steps = args.steps or (4 if args.smoke else 300)
     args.throughput_steps = args.throughput_steps or (4 if args.smoke else 60)
@@ -157,9 +166,6 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     timeout = 600 if args.smoke else 3600
 
-    import deepspeed
-    import torch
-    import transformers
 
     lm_config, cls_config = ROOT / "configs" / "distill" / "demo.yaml", ROOT / "configs" / "distill" / "demo_classifier.yaml"
     common = [f"train.max_steps={args.steps}"]
@@ -185,16 +191,33 @@ def main() -> int:
         cls_teacher = cls_dir / "final"
         lm_extra, cls_extra = [f"data.path={data}"], []
 
-    # -- 1 and 2: the reports ------------------------------------------------------------------------------
-    results: dict = {}
+    out.mkdir(parents=True, exist_ok=True)
+    kept = json.loads((out / "distill.json").read_text()) if (out / "distill.json").is_file() else {}
+    missing = [p for p in PARTS if p not in parts and p not in kept]
+    if missing:
+        raise SystemExit(f"--parts leaves out {missing}, and {out / 'distill.json'} has no recorded result for them")
+    results: dict = {p: kept[p] | {"code": kept[p].get("code", kept.get("code"))} for p in PARTS if p not in parts}
+
+    # -- 1 and 2: the reports (and the stronger teacher's) ----------------------------------------------------
+    strong_teacher = lm_teacher
+    if "strong" in parts and not args.smoke:
+        from bench.finetune_why import pretrain_longer
+
+        strong_teacher = pretrain_longer(800)
     for name, config, teacher, extra in (("lm", lm_config, lm_teacher, lm_extra),
-                                         ("classifier", cls_config, cls_teacher, cls_extra)):
+                                         ("classifier", cls_config, cls_teacher, cls_extra),
+                                         ("strong", lm_config, strong_teacher, lm_extra)):
+        if name not in parts:
+            continue
         print(f"[bench] distill {name}: {args.steps} steps, with the no-KD baseline ...", flush=True)
         results[name] = run_distill(name, config, [f"teacher={teacher}", *common, *extra], work, timeout)
+        results[name]["code"] = code
         print(f"[bench] {name}: {results[name]['report'] and _headline(results[name]['report'])} "
               f"({results[name]['wall_seconds']:.0f} s)", flush=True)
 
     # -- 3: offline (cached top-k) against live, same slice, steps and student ---------------------------------
+    if "throughput" not in parts:
+        return finish(results, args, out, began, code, seq_len)
     sliced = data_slice(data, work / f"slice-{args.cache_windows}", args.cache_windows, seq_len)
     cache_dir = work / f"cache-{args.cache_windows}"
     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -224,6 +247,16 @@ def main() -> int:
     throughput["cache"] = {k: cache_meta.get(k) for k in ("top_k", "index_dtype", "value_dtype", "bytes_per_token",
                                                           "teacher_tokens_per_s", "windows", "bytes", "seconds")}
     throughput["cache"]["wall_seconds"] = round(cache_seconds, 1)
+    throughput["code"] = code
+    results["throughput"] = throughput
+    return finish(results, args, out, began, code, seq_len)
+
+
+def finish(results: dict, args, out: Path, began: float, code: dict, seq_len: int) -> int:
+    """distill.json (and, for a full run, the BENCHMARKS.md section) from every part's results."""
+    import deepspeed
+    import torch
+    import transformers
 
     report = {"date": datetime.date.today().isoformat(), "smoke": args.smoke, "code": code,
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
@@ -232,9 +265,7 @@ def main() -> int:
                            "transformers": transformers.__version__},
               "config": {"steps": args.steps, "throughput_steps": args.throughput_steps,
                          "cache_windows": args.cache_windows, "seq_len": seq_len},
-              "lm": results["lm"], "classifier": results["classifier"], "throughput": throughput,
-              "seconds": round(time.perf_counter() - began, 1)}
-    out.mkdir(parents=True, exist_ok=True)
+              **results, "seconds": round(time.perf_counter() - began, 1)}
     (out / "distill.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"[bench] wrote {out / 'distill.json'}", flush=True)
     if not args.smoke:
@@ -248,6 +279,30 @@ def _headline(r: dict) -> str:
                 f"{r['beats_baseline']}")
     return (f"retention {100 * r['retention']:.1f}%, speed-up {r['speedup']:.2f}x, beats the no-KD student: "
             f"{r['beats_baseline']}")
+
+
+def strong_rows(report: dict) -> list[str]:
+    """The language model again, from the demo model pretrained 800 steps: a teacher the students do not overtake."""
+    if "strong" not in report or "report" not in report["strong"]:
+        return []
+    r = report["strong"]["report"]
+    m = r["models"]
+    return [
+        f"**The same, from a stronger teacher**: the demo model pretrained 800 steps instead of 400 (val perplexity "
+        f"{m['teacher']['score']['ppl']:.2f} against 76.32; `bench/finetune_why.py --longer 800`), everything else as "
+        "above. Here the students do not overtake the teacher within their 300 steps, and distillation pays:",
+        "",
+        "| model | val perplexity | perplexity ratio to the teacher |",
+        "|---|---:|---:|",
+        f"| teacher (800 steps) | {m['teacher']['score']['ppl']:.2f} | 1.000 |",
+        f"| student, distilled | {m['student']['score']['ppl']:.2f} | {r['ppl_ratio']:.3f} |",
+        f"| student, no KD | {m['baseline']['score']['ppl']:.2f} | "
+        f"{m['baseline']['score']['ppl'] / m['teacher']['score']['ppl']:.3f} |",
+        "",
+        f"Distilled beats no-KD: **{'yes' if r['beats_baseline'] else 'no'}** "
+        f"({m['student']['score']['ppl']:.2f} vs {m['baseline']['score']['ppl']:.2f}).",
+        "",
+    ]
 
 
 def table(report: dict) -> str:
@@ -271,7 +326,9 @@ def table(report: dict) -> str:
         f"Python {m['python']}, torch {v['torch']}, DeepSpeed {v['deepspeed']}, transformers {v['transformers']}), "
         f"fp32, {m['ranks']} ranks under torchrun (gloo), DeepSpeed ZeRO-2. Every figure comes from a real "
         "`torchrun -m distill` launch; the reports are the stage's own `report.json`. Raw figures: "
-        "`bench/results/distill.json`.",
+        "`bench/results/distill.json`" + "".join(
+            f"; {part} at {str(report[part].get('code', {}).get('commit', '?'))[:7]}" for part in PARTS
+            if isinstance(report.get(part), dict) and report[part].get("code")) + ".",
         "",
         f"**Language model** (`configs/distill/demo.yaml`): the demo pretraining run's 4-layer model (teacher) into "
         f"a 2-layer student made of its layers 0 and 2, {c['steps']} steps of seq {c['seq_len']} at alpha "
@@ -293,6 +350,7 @@ def table(report: dict) -> str:
         f"{'met' if lm['beats_baseline'] else '**NOT MET**'} |",
         f"| speed-up (teacher / student forward) | {lm['speedup']:.2f}x | DistilGPT2 2x | |",
         "",
+        *strong_rows(report),
         f"**Classifier** (`configs/distill/demo_classifier.yaml`): the demo fine-tuned docstring -> package "
         "classifier (4 layers) into a 2-layer student from its layers 0 and 2 (head included), "
         f"{c['steps']} steps at alpha {cl['kd']['alpha']:g}, T {cl['kd']['temperature']:g}; scores on the test split.",
