@@ -57,6 +57,7 @@ bench: setup
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/finetune_why.py --longer 800 --heads --seeds 3
+	$(BIN)/python bench/distill.py
 	$(BIN)/python bench/reliability.py
 
 lint: setup

@@ -131,9 +131,11 @@ def test_kills_during_saves_leave_the_last_complete_checkpoint_and_resume_is_exa
 
 
 def worker_pids(torchrun: subprocess.Popen) -> dict[int, int]:
-    """RANK -> pid of each worker torchrun started."""
+    """RANK -> pid of each worker torchrun started: its direct children only. A worker's own child (a fork that
+    has not exec'd yet, a helper process) carries the same RANK and command line, and a signal sent to it instead
+    of the worker is lost (a clean-clone CI run once finished all 8 steps after its SIGUSR1)."""
     out = {}
-    for child in psutil.Process(torchrun.pid).children(recursive=True):
+    for child in psutil.Process(torchrun.pid).children(recursive=False):
         try:
             rank = child.environ().get("RANK")
         except psutil.Error:
