@@ -27,18 +27,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The chain on the built-in corpus, on CPU: tokenize, pretrain the ~5 M-parameter demo model on 2 ranks
-# with ZeRO-2, fine-tune it on both built-in tasks, then distill the pretrained model and the classifier into
-# half-depth students, each beside the same student trained without distillation (the language model's pair
-# ~15 minutes on 2 cores, the classifier's ~5; the reports are runs/demo/distill*/report.md). Rerunning skips
-# what is finished.
+# The whole chain on the built-in corpus, on CPU (configs/pipelines/demo.yaml): tokenize, pretrain the ~5 M-parameter
+# demo model on 2 ranks with ZeRO-2, fine-tune it on both built-in tasks beside the same architecture from random
+# init, distill the classifier into a half-depth student beside the same student trained without the teacher,
+# export the student; it ends with one table of the results and where each artifact is. Rerunning skips what is
+# finished, one line per stage.
 demo: setup
-	$(BIN)/lmforge tokenize configs/tokenize/demo.yaml
-	$(BIN)/torchrun --nproc_per_node=2 -m pretrain configs/pretrain/demo.yaml
-	$(BIN)/torchrun --nproc_per_node=2 -m finetune configs/finetune/demo.yaml
-	$(BIN)/torchrun --nproc_per_node=2 -m finetune configs/finetune/demo_sft.yaml
-	$(BIN)/torchrun --nproc_per_node=2 -m distill configs/distill/demo.yaml
-	$(BIN)/torchrun --nproc_per_node=2 -m distill configs/distill/demo_classifier.yaml
+	$(BIN)/lmforge run configs/pipelines/demo.yaml
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

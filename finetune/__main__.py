@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is the point here, not a warning
     hf_logging.disable_progress_bar()  # one bar per rank for a load that takes a second
     with eng.model_context(ds):
-        model = build(hf_config, cfg.init_from)
+        model = build(hf_config, cfg.init_from if cfg.init == "pretrained" else None)  # random: a fresh init
     hf_logging.set_verbosity(verbosity)
     hf_logging.enable_progress_bar()
     if cfg.lora:  # the base frozen; the adapters (and a classifier's head) train
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     peak, peak_source = device_peak(device, dtype, cfg.engine.peak_flops)
     peak = eng.all_reduce_sum([peak], device)[0] / d.world
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
-    run.say(f"{hf_config.architectures[0]} {human(facts['total'])} parameters from {cfg.init_from} ({human(trainable)} "
+    run.say(f"{hf_config.architectures[0]} {human(facts['total'])} parameters from {cfg.init_from}"
+            f"{' (architecture only: random init)' if cfg.init == 'random' else ''} ({human(trainable)} "
             f"trained{', LoRA r=' + str(cfg.lora.r) if cfg.lora else ''}), {d.world} rank(s) "
             f"on {device.type}, ZeRO-{plan.zero_stage}, {plan.precision}; global batch {global_batch} examples "
             f"({len(train) / global_batch:.1f} steps per epoch); {max_steps} steps")

@@ -13,6 +13,9 @@ COMMANDS = {
     "tokenize": ("pretrain.tokenize", "train or load a tokenizer and write token shards"),
     "export": ("lmforge.checkpoint", "build a Hugging Face folder from a training run's checkpoint"),
     "push": ("lmforge.hub", "upload an exported Hugging Face folder to the Hub (a branch per --revision)"),
+    "run": ("lmforge.pipeline", "run a pipeline's stages on this machine, skipping finished ones"),
+    "submit": ("lmforge.slurm", "submit a pipeline to Slurm: one job per stage, chained with afterok"),
+    "status": ("lmforge.pipeline:status_main", "each stage of a pipeline: done, running, waiting or failed"),
 }
 
 
@@ -29,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     args = parser.parse_args(argv[:1])
-    module = __import__(COMMANDS[args.command][0], fromlist=["main"])
-    return module.main(argv[1:])
+    name, _, function = COMMANDS[args.command][0].partition(":")
+    module = __import__(name, fromlist=["main"])
+    return getattr(module, function or "main")(argv[1:])
 
 
 if __name__ == "__main__":

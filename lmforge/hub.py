@@ -423,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="create the repo private (has no effect on a repo that already exists)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the files that would be uploaded, with sizes, and exit without calling the Hub")
+    parser.add_argument("--receipt", type=Path, metavar="FILE",
+                        help="after the upload, write what was pushed (repo, branch, the folder's lineage step and "
+                        "config digest) to this JSON file: `lmforge run` skips a push that has one")
     args = parser.parse_args(argv)
     try:
         names = push(args.folder, args.repo_id, revision=args.revision, private=args.private, dry_run=args.dry_run)
@@ -435,4 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     total = f"{len(names)} files, {human_bytes(sum(sizes.values()))}"
     url = tree_url(args.repo_id, args.revision)
     print(f"dry run: would upload {total} to {url}" if args.dry_run else f"uploaded {total} to {url}")
+    if args.receipt and not args.dry_run:
+        lineage_file = Path(args.folder) / "lineage.json"
+        lineage = json.loads(lineage_file.read_text()) if lineage_file.is_file() else {}
+        args.receipt.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(args.receipt, {"repo_id": args.repo_id, "revision": args.revision or "main", "files": names,
+                                         "lineage": {k: lineage.get(k) for k in ("config_digest", "step")}})
     return 0

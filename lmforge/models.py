@@ -250,11 +250,13 @@ def fresh_model(config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     in fp32: `host_draws`), and transformers' `init_weights`, which runs inside the build after each
     sub-model, sees each module's parameters gathered (`_initialize_weights_gathered`). transformers' own
     ZeRO-3 init would differ: it skips the draws of construction and draws on rank 0's device only."""
-    from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
 
+    from lmforge.checkpoint import model_class
+
+    cls = model_class(config)  # the class the config names: a causal LM, or a classifier (fine-tuning from random init)
     if not is_deepspeed_zero3_enabled():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        return cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
     from transformers import PreTrainedModel
     from transformers.modeling_utils import set_zero3_state
 
@@ -266,7 +268,7 @@ def fresh_model(config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         # set_zero3_state: transformers' "zero.Init is already active" flag, so that from_config neither nests
         # its own nor replaces the init with its rank-0-only one
         with host_draws(), engine.partitioned_construction(deepspeed_config()), set_zero3_state():
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            return cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
     finally:
         PreTrainedModel.initialize_weights = original
 

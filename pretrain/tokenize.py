@@ -67,19 +67,34 @@ class Chunk:
         return self.hasher.hexdigest()
 
 
+def part_arg(text: str) -> tuple[int, int]:
+    import argparse
+
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, e.g. 3/16; got {text!r}")
+    return int(index), int(count)
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_command("lmforge tokenize", TokenizeConfig, argv, __doc__.split("\n")[0])
+    cfg, args = parse_command("lmforge tokenize", TokenizeConfig, argv, __doc__.split("\n")[0], extra={
+        "--tokenizer-only": {"action": "store_true", "help": "train or load the tokenizer into OUT_DIR/tokenizer "
+                             "and stop: the first job of an array tokenization"},
+        "--part": {"type": part_arg, "metavar": "I/N", "help": "encode only chunks I, I+N, I+2N, ... (a Slurm array "
+                   "task; the tokenizer must be there already); a plain run afterwards writes meta.json"}})
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
     try:
-        return run(cfg)
+        return run(cfg, part=args.part, tokenizer_only=args.tokenizer_only)
     except (DataError, TokenizerError) as e:
         print(f"lmforge tokenize: error: {e}", file=sys.stderr)
         return 1
 
 
-def run(cfg: TokenizeConfig) -> int:
+def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only: bool = False) -> int:
+    """Tokenize. `part` (I, N): encode only the chunks whose index is I mod N, write no meta.json (array tasks,
+    run side by side on one folder). `tokenizer_only`: stop once OUT_DIR/tokenizer is there."""
     started = time.time()
     out = Path(cfg.out_dir)
     digest = cfg.output_digest()
@@ -99,7 +114,8 @@ def run(cfg: TokenizeConfig) -> int:
         raise DataError(f"{out} holds a partial run of a different config; choose another out_dir or delete "
                         "that folder")
     out.mkdir(parents=True, exist_ok=True)
-    atomic.remove_leftovers(out)  # half-written files of a crashed run
+    if part is None:  # array tasks share the folder: another task's files being written are not leftovers
+        atomic.remove_leftovers(out)  # half-written files of a crashed run
     save_config(cfg, out / "config.yaml")
     atomic.write_json(state, {"config_digest": digest})
     for reader in readers:
@@ -108,6 +124,9 @@ def run(cfg: TokenizeConfig) -> int:
     # -- one streaming pre-pass when needed: tokenizer training sample, exact val count -------
     tok_dir = out / "tokenizer"
     need_sample = cfg.tokenizer.train is not None and not (tok_dir / "tokenizer.json").exists()
+    if part is not None and not (tok_dir / "tokenizer.json").exists():
+        raise TokenizerError(f"{tok_dir} has no tokenizer yet: an array task encodes with the tokenizer the first "
+                             "job made (`lmforge tokenize CONFIG --tokenizer-only`); run that first")
     val_cut = cfg.split.val_fraction
     if need_sample or cfg.split.val_docs is not None:
         sample, val_cut_docs = prepass(cfg, readers, need_sample)
@@ -133,6 +152,9 @@ def run(cfg: TokenizeConfig) -> int:
                 raise TokenizerError(f"tokenizer '{cfg.tokenizer.pretrained}' has no tokenizer.json "
                                      "(a `tokenizers` backend); convert it or pick another")
             copy_pretrained(cfg.tokenizer.pretrained, hf, tok_dir)
+    if tokenizer_only:
+        print(f"[tokenize] tokenizer ready in {tok_dir}")
+        return 0
     tokenizer_json = (tok_dir / "tokenizer.json").read_text(encoding="utf-8")
     encoder = Encoder(tokenizer_json, fast=cfg.tokenizer.fast)
     vocab_size = encoder.reference.get_vocab_size(with_added_tokens=True)
@@ -183,6 +205,9 @@ def run(cfg: TokenizeConfig) -> int:
             for chunk in chunked(read_all(readers, policy), cfg.shard_bytes, val_cut):
                 fingerprint.update(chunk.digest.encode())
                 nbytes += chunk.nbytes
+                if part is not None and chunk.index % part[1] != part[0]:
+                    bar.update(chunk.nbytes)  # another array task's chunk: read past (the bar shows the reading)
+                    continue
                 done = finished_record(out, chunk, dtype)
                 if done is not None:
                     resumed += 1
@@ -204,6 +229,10 @@ def run(cfg: TokenizeConfig) -> int:
                 bar.total = max(bar.total, bar.n)
             bar.close()
     encode_seconds = time.time() - encode_start
+    if part is not None:
+        print(f"[tokenize] part {part[0]}/{part[1]}: {len(records)} chunks ({resumed} already done), {tokens:,} "
+              f"tokens in {encode_seconds:.1f} s; meta.json comes from a plain run once every part is done")
+        return 0
 
     # -- meta.json last: its presence marks the output complete ---------------------------------
     count = len(records)

@@ -18,15 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from .harness import launch, pretrain_config, write_yaml  # noqa: E402,F401  (tests import them from here too)
 
-LAUNCHING = ("distributed", "integration")  # folders whose tests start stage processes (torchrun, a CLI)
+LAUNCHING = ("distributed", "integration", "slurm")  # folders whose tests start stage processes (torchrun, a CLI)
 
 
 def pytest_collection_modifyitems(config, items):
     """Every test that launches processes is `slow` (~5-90 s each on 2 cores), so `make quick` (`-m "not slow"`)
     is the unit tests: a marker set by hand in each file was missing from some of them."""
     for item in items:
-        if set(Path(item.path).relative_to(ROOT / "tests").parts[:1]) & set(LAUNCHING):
+        folder = Path(item.path).relative_to(ROOT / "tests").parts[:1]
+        if set(folder) & set(LAUNCHING):
             item.add_marker(pytest.mark.slow)
+        if folder == ("slurm",):
+            item.add_marker(pytest.mark.slurm)
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -143,6 +143,9 @@ class FinetuneConfig(StrictModel):
     """Output folder: config.yaml, metrics.jsonl, checkpoints/, final/, plots/."""
     init_from: Path
     """The Hugging Face causal LM folder to start from (a pretraining run's final/, or any local Llama/GPT-2-style model)."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """pretrained: init_from's weights; random: its architecture and tokenizer with fresh weights (seeded by
+    train.seed), the from-scratch baseline that shows what pretraining bought."""
     task: TaskConfig
     """The task."""
     data: FinetuneDataConfig
@@ -165,6 +168,8 @@ class FinetuneConfig(StrictModel):
 
     @model_validator(mode="after")
     def _task_fits(self) -> FinetuneConfig:
+        if self.init == "random" and self.lora is not None:
+            raise ValueError("lora trains adapters over pretrained weights; with init: random, train in full (no lora)")
         wants = {"stdlib-docstring-package": "classification", "stdlib-docstring-name": "sft"}
         if self.data.builtin is not None and wants[self.data.builtin] != self.task.type:
             raise ValueError(f"data.builtin {self.data.builtin} is a {wants[self.data.builtin]} task, but "

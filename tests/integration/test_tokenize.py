@@ -232,3 +232,33 @@ def test_demo_on_the_whole_builtin_corpus_matches_tokenizers_id_for_id(tmp_path)
     assert next_doc == {s: d.num_documents for s, d in splits.items()}
     sample = texts[:: max(1, len(texts) // 200)]
     assert [tok.decode(e.ids) for e in tok.encode_batch_fast(sample, add_special_tokens=False)] == sample
+
+
+def test_array_parts_then_a_plain_run_are_byte_identical_to_one_run(tmp_path, tokenize_config, capsys):
+    """What a Slurm array tokenization runs: the tokenizer once, parts I/N in any order (each its chunks only,
+    no meta.json), then a plain run that finds every chunk done and writes meta.json."""
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in sample_texts(120)])
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}],
+                          tokenizer={"train": {"vocab_size": 400}}, workers=1)
+    assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'one'}"]) == 0
+    parts = [str(cfg), f"out_dir={tmp_path / 'parts'}"]
+    assert tokenize.main([*parts, "--part", "0/3"]) == 1  # before the tokenizer job
+    assert "has no tokenizer yet" in capsys.readouterr().err
+    assert tokenize.main([*parts, "--tokenizer-only"]) == 0
+    chunks = tmp_path / "parts" / "chunks"
+    for i in (2, 0):
+        assert tokenize.main([*parts, "--part", f"{i}/3"]) == 0
+    assert not (tmp_path / "parts" / "meta.json").exists()
+    done = sorted(int(p.stem) for p in chunks.glob("[0-9]*.json"))
+    assert done and all(i % 3 in (0, 2) for i in done)
+    capsys.readouterr()
+    assert tokenize.main([*parts, "--part", "0/3"]) == 0  # a rerun of a part skips its finished chunks
+    mine = sum(1 for i in done if i % 3 == 0)
+    assert f"part 0/3: {mine} chunks ({mine} already done)" in capsys.readouterr().out
+    assert tokenize.main([*parts, "--part", "1/3"]) == 0
+    assert tokenize.main(parts) == 0
+    assert f"({len(list(chunks.glob('[0-9]*.json')))} resumed)" in capsys.readouterr().out
+    assert output_bytes(tmp_path / "parts") == output_bytes(tmp_path / "one")
+    with pytest.raises(SystemExit):
+        tokenize.main([*parts, "--part", "3/3"])
+    assert "expected I/N with 0 <= I < N" in capsys.readouterr().err

@@ -1,0 +1,173 @@
+"""`lmforge submit PIPELINE.yaml`: a pipeline as Slurm jobs, one per stage, each waiting for its upstream jobs
+with `--dependency=afterok` (a stage that fails, or ends at its time limit without requeueing, cancels its
+dependents: `--kill-on-invalid-dep=yes`).
+
+Each job is one of the readable templates in slurm/ (train.sbatch, tokenize.sbatch, cpu.sbatch) with the stage's
+resources as sbatch options, which win over the template's own #SBATCH lines; `--dry-run` prints exactly those
+sbatch lines. Finished stages get no job; a stage whose job is still queued or running is not submitted again
+(its job id stands in for it in the dependencies). Job ids and log paths go to WORK_DIR/pipeline.json, which
+`lmforge status` reads.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from lmforge.config.pipeline import TRAINING_KINDS
+from lmforge.pipeline import Pipeline, Step, cwd_relative, parse, plan_lines, read_json
+
+PROG = "lmforge submit"
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = ROOT / "slurm"
+LIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "SUSPENDED",
+        "RESIZING", "SIGNALING", "STAGE_OUT"}
+
+
+class SlurmError(Exception):
+    """sbatch or scontrol refused or is missing; the message says what to do."""
+
+
+def job_states(ids: list[str]) -> dict[str, dict]:
+    """`scontrol show job` of each id, as Key=Value fields; ids Slurm no longer knows are left out."""
+    out = {}
+    for job in ids:
+        try:
+            proc = subprocess.run(["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if proc.returncode != 0 or not proc.stdout.strip():
+            continue
+        fields = {}
+        for token in proc.stdout.split("\n")[0].split():
+            key, sep, value = token.partition("=")
+            if sep and key not in fields:
+                fields[key] = value
+        out[str(job)] = fields
+    return out
+
+
+def signal_lead(pipeline: Pipeline, step: Step) -> int:
+    """Seconds before the time limit that the batch shell gets USR1: the stage's own value, else three of its
+    measured saves (an earlier launch's summary.json) plus 120, at least 300. Slurm may send it up to 60 s early,
+    never late."""
+    given = pipeline.resources(step).signal_lead
+    if given:
+        return given
+    summary = read_json(step.output / "summary.json") or {}
+    saves = summary.get("checkpoint_save_seconds") or []
+    saves = list(saves.values()) if isinstance(saves, dict) else saves if isinstance(saves, list) else [saves]
+    save = max([s for s in saves if isinstance(s, (int, float))], default=0.0)
+    return int(max(300, 3 * save + 120))
+
+
+def sbatch_lines(pipeline: Pipeline, step: Step, after: list[str]) -> list[tuple[str, dict[str, str], list[str]]]:
+    """The jobs of one stage, in order, each (label, environment, sbatch command); sbatch passes its environment to
+    the job. One job per stage, but an array tokenization: the tokenizer once, the array (task i encodes chunks
+    i, i+N, ...), then the job that writes meta.json. `after` holds upstream job ids (or $JOB_name placeholders);
+    each later job of a stage waits for the one before it."""
+    r = pipeline.resources(step)
+    exports = {"WANDB_RUN_GROUP": pipeline.cfg.name}
+    if pipeline.cfg.setup:
+        exports["LMFORGE_SETUP"] = "; ".join(pipeline.cfg.setup)
+    common = [f"--{k.replace('_', '-')}={getattr(r, k)}" for k in ("cpus_per_task", "mem", "time", "partition",
+                                                                    "account", "qos") if getattr(r, k) is not None]
+    if r.gpus_per_node:
+        common.insert(0, f"--gpus-per-node={r.gpus_per_node}")
+
+    def line(label: str, template: str, args: list[str], options: list[str], env: dict, wait_for: list[str]):
+        name = f"{pipeline.cfg.name}-{step.name}" + (f"-{label}" if label else "")
+        deps = [f"--dependency=afterok:{':'.join(wait_for)}", "--kill-on-invalid-dep=yes"] if wait_for else []
+        return label, {**exports, **env}, ["sbatch", "--parsable", f"--job-name={name}",
+                                           f"--output={pipeline.work_dir / 'logs' / '%x-%j.out'}", *options,
+                                           *common, *deps, *r.sbatch, str(cwd_relative(TEMPLATES / template)), *args]
+
+    if step.kind in TRAINING_KINDS:
+        procs, launch = pipeline.procs_per_node(step), r.launch or "torchrun"
+        lead = signal_lead(pipeline, step)
+        env = {"LMFORGE_LAUNCH": launch, "LMFORGE_PROCS_PER_NODE": str(procs),
+               "LMFORGE_SHUTDOWN_TIMEOUT": str(lead - 60)}  # torchrun's wait for a save: inside the lead
+        options = [f"--nodes={r.nodes or 1}", f"--ntasks-per-node={procs if launch == 'srun' else 1}",
+                   f"--signal=B:USR1@{lead}"]
+        return [line("", "train.sbatch", [step.kind, str(step.config_path), *step.overrides], options, env, after)]
+    if step.kind == "tokenize":
+        args = [str(step.config_path), *step.overrides]
+        if not r.array:
+            return [line("", "tokenize.sbatch", args, [], {}, after)]
+        return [line("tokenizer", "tokenize.sbatch", [*args, "--tokenizer-only"], [], {}, after),
+                line("encode", "tokenize.sbatch", args, [f"--array=0-{r.array - 1}"], {}, ["$PREVIOUS"]),
+                line("", "tokenize.sbatch", args, [], {}, ["$PREVIOUS"])]
+    return [line("", "cpu.sbatch", pipeline.command(step)[3:], [], {}, after)]  # `lmforge export|push ...`
+
+
+def shell(exports: dict[str, str], line: list[str]) -> str:
+    """A copy-pasteable shell line; `$JOB_name` placeholders stay expandable."""
+    quote = lambda a: f'"{a}"' if "$JOB_" in a else shlex.quote(a)  # noqa: E731
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in exports.items()), *map(quote, line)])
+
+
+def submit(pipeline: Pipeline, dry_run: bool = False) -> int:
+    from lmforge.pipeline import move_aside
+
+    record = pipeline.record()
+    known = {e["job_id"]: name for name, e in record.items() if e.get("mode") == "slurm" and e.get("job_id")}
+    live = {known[j]: j for j, info in (job_states(list(known)) if known and not dry_run else {}).items()
+            if info.get("JobState") in LIVE}
+    if dry_run:
+        for text in plan_lines(pipeline):
+            print(text)
+    jobs: dict[str, str] = {}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if not dry_run:
+        (pipeline.work_dir / "logs").mkdir(parents=True, exist_ok=True)
+    for step in pipeline.steps:
+        if not step.runs:
+            if not dry_run:
+                print(f"[submit] {step.name}: done, no job ({step.why})")
+            continue
+        if step.name in live:
+            jobs[step.name] = live[step.name]
+            print(f"[submit] {step.name}: already queued as job {live[step.name]}; not submitted again")
+            continue
+        after = [jobs[d] for d in step.deps if d in jobs]  # done upstream stages have no job to wait for
+        aside = None if dry_run else move_aside(step)
+        previous, ids = None, []
+        for label, exports, line in sbatch_lines(pipeline, step, after):
+            line = [a.replace("$PREVIOUS", previous) if previous else a for a in line]
+            if dry_run:  # a shell script: each job's id in JOB_<name> for the lines that wait on it
+                previous = "$JOB_" + "_".join(filter(None, [step.name, label])).replace("-", "_")
+                print(f"{previous[1:]}=$({shell(exports, line)})")
+                continue
+            try:
+                proc = subprocess.run(line, capture_output=True, text=True, env={**env, **exports}, timeout=120)
+            except FileNotFoundError:
+                raise SlurmError("sbatch not found: run `lmforge submit` on a Slurm login node (or use `lmforge run` "
+                                 "to run the pipeline here)") from None
+            if proc.returncode != 0:
+                raise SlurmError(f"sbatch refused stage {step.name}: {proc.stderr.strip() or proc.stdout.strip()}"
+                                 f"\n  command: {shell(exports, line)}")
+            previous = proc.stdout.strip().split(";")[0]
+            ids.append(previous)
+        jobs[step.name] = previous
+        if dry_run:
+            continue
+        log = pipeline.work_dir / "logs" / f"{pipeline.cfg.name}-{step.name}-{previous}.out"
+        pipeline.remember(step.name, mode="slurm", job_id=previous, jobs=ids, log=str(log))
+        print(f"[submit] {step.name}: job {' -> '.join(ids)}" + (f" after {', '.join(after)}" if after else "")
+              + (f"; old output moved to {aside}" if aside else "") + f"; log {log}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    pipeline, args = parse(PROG, argv, "Submit a pipeline to Slurm: one job per unfinished stage, each after its "
+                           "upstream jobs (afterok); `lmforge status` follows them.",
+                           "print what would be submitted, what is skipped and why, and the sbatch lines; submit nothing")
+    try:
+        return submit(pipeline, args.dry_run)
+    except SlurmError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,217 @@
+"""Pipelines on a real Slurm controller with two nodes (tests/slurm/cluster.py): `lmforge submit` chains the stages
+with afterok, a 2-node pretraining job trains across both nodes, a preempted job saves, requeues and resumes to
+the weights of an uninterrupted run, and a failing stage cancels what waits for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from lmforge.data.sources import stdlib_files
+
+from ..harness import ROOT, finetune_config, launch, pretrain_config, write_yaml
+
+SECRET = "hf_lmforgeTestSecretDoNotPrint123"
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
+
+
+def lmforge(slurm, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`lmforge ...` as a user runs it on a login node: the jobs inherit this environment (sbatch --export=ALL)."""
+    full = {**slurm.env, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "HF_TOKEN": SECRET, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, env=full,
+                          cwd=ROOT, timeout=120)
+
+
+def pipeline(tmp: Path, stages: list[dict]) -> Path:
+    return write_yaml(tmp / "pipeline.yaml", {"name": "t", "work_dir": str(tmp / "work"), "stages": stages})
+
+
+def jobs(tmp: Path) -> dict[str, str]:
+    return {name: e["job_id"] for name, e in json.loads((tmp / "work" / "pipeline.json").read_text()).items()}
+
+
+def ended(fields: dict) -> bool:
+    return fields.get("JobState") in ENDED
+
+
+def weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [m["step"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in m]
+
+
+def test_a_pipeline_runs_as_slurm_jobs_chained_by_afterok(slurm, tmp_path, tiny_tokenizer, tasks_data):
+    """tokenize -> pretrain on 2 nodes (one torchrun each, c10d) -> fine-tune on 2 nodes (one srun task per rank)
+    -> export: each job starts after its upstream job completed; a second submit finds everything done."""
+    files = [str(p) for p in stdlib_files()[:40]]
+    tok = write_yaml(tmp_path / "tokenize.yaml", {
+        "out_dir": str(tmp_path / "data"), "sources": [{"type": "files", "paths": files, "format": "txt"}],
+        "tokenizer": {"pretrained": str(tiny_tokenizer)}, "split": {"val_fraction": 0.1}, "workers": 1,
+        "progress": False, "shard_bytes": 1 << 20})
+    pre = pretrain_config(tmp_path / "pretrain.yaml", Path("set-by-the-pipeline"), tmp_path / "pretrain",
+                          train={"max_steps": 4, "log_every": 1, "eval_every": 4, "save_every": 4})
+    ft = finetune_config(tmp_path / "finetune.yaml", Path("set-by-the-pipeline"), tmp_path / "finetune",
+                         "classification", tasks_data, train={"max_steps": 4, "log_every": 1, "eval_every": 4,
+                                                              "save_every": 4})
+    two_nodes = {"nodes": 2, "procs_per_node": 1}
+    path = pipeline(tmp_path, [
+        {"name": "tokenize", "stage": "tokenize", "config": str(tok)},
+        {"name": "pretrain", "stage": "pretrain", "config": str(pre), "overrides": ["data.path=${tokenize.out_dir}"],
+         "resources": two_nodes},
+        {"name": "finetune", "stage": "finetune", "config": str(ft), "overrides": ["init_from=${pretrain.final}"],
+         "resources": {**two_nodes, "launch": "srun"}},
+        {"name": "export", "stage": "export", "source": "${finetune.run_dir}", "out": str(tmp_path / "export")},
+    ])
+    sub = lmforge(slurm, "submit", str(path))
+    assert sub.returncode == 0, sub.stderr
+    ids = jobs(tmp_path)
+    assert list(ids) == ["tokenize", "pretrain", "finetune", "export"]
+    slurm.wait(ids["export"], ended, timeout=900)
+    fields = {name: slurm.job(job) for name, job in ids.items()}
+    logs = {name: Path(f["StdOut"]) for name, f in fields.items()}
+    for name, f in fields.items():
+        assert (f["JobState"], f["ExitCode"]) == ("COMPLETED", "0:0"), (name, logs[name].read_text()[-3000:])
+    for up, down in [("tokenize", "pretrain"), ("pretrain", "finetune"), ("finetune", "export")]:
+        assert fields[down]["StartTime"] >= fields[up]["EndTime"], (up, down)
+    records = [tmp_path / "data" / "meta.json", tmp_path / "pretrain" / "final" / "lineage.json",
+               tmp_path / "finetune" / "final" / "lineage.json", tmp_path / "export" / "lineage.json"]
+    times = [r.stat().st_mtime for r in records]
+    assert times == sorted(times)
+
+    assert fields["pretrain"]["NodeList"] == "n[1-2]" and fields["finetune"]["NodeList"] == "n[1-2]"
+    assert "2 rank(s)" in logs["pretrain"].read_text() and "2 rank(s)" in logs["finetune"].read_text()
+    card = (tmp_path / "finetune" / "final" / "README.md").read_text()
+    assert "srun --ntasks=2 python -m finetune" in card  # the one-task-per-rank form, ranks from SLURM_*
+    assert "torchrun --nnodes=2 --nproc_per_node=1 -m pretrain" in (tmp_path / "pretrain" / "final" / "README.md").read_text()
+
+    status = lmforge(slurm, "status", str(path))
+    assert [line.split()[1] for line in status.stdout.splitlines()] == ["done"] * 4, status.stdout
+    again = lmforge(slurm, "submit", str(path))
+    assert again.returncode == 0 and again.stdout.count("done, no job") == 4, again.stdout
+    assert jobs(tmp_path) == ids
+    for text in [*(p.read_text() for p in logs.values()), (tmp_path / "work" / "pipeline.json").read_text()]:
+        assert SECRET not in text
+
+
+def test_a_preempted_job_saves_requeues_and_resumes_to_the_uninterrupted_weights(slurm, tmp_path, tiny_data):
+    """`scancel --signal=USR1 --batch` (what --signal=B:USR1@LEAD does before a time limit) lands in a save: the
+    workers finish it and exit, the job requeues itself (same id: the export waiting on it with afterok keeps
+    waiting), and once released it resumes into the same W&B run and ends with an uninterrupted run's weights."""
+    train = {"max_steps": 8, "log_every": 1, "eval_every": 100, "save_every": 2}
+    cfg = pretrain_config(tmp_path / "pretrain.yaml", tiny_data, tmp_path / "run", train=train,
+                          tracking={"wandb": True, "plots": False})
+    path = pipeline(tmp_path, [
+        {"name": "pretrain", "stage": "pretrain", "config": str(cfg), "resources": {"nodes": 2, "procs_per_node": 1}},
+        {"name": "export", "stage": "export", "source": "${pretrain.run_dir}", "out": str(tmp_path / "export")},
+    ])
+    sub = lmforge(slurm, "submit", str(path), env={"LMFORGE_FAULT": "save-slow:2:0", "LMFORGE_FAULT_SECONDS": "8"})
+    assert sub.returncode == 0, sub.stderr
+    ids = jobs(tmp_path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    slurm.wait(ids["pretrain"], lambda f: ended(f) or metrics.exists() and metrics.read_text().count("train/loss") >= 2,
+               timeout=300, poll=0.2)
+    run_id = (tmp_path / "run" / "wandb_id.txt").read_text()
+    slurm.run("scancel", "--signal=USR1", "--batch", ids["pretrain"])  # lands in rank 0's 8 s save of step 2
+
+    held = slurm.wait(ids["pretrain"], lambda f: int(f.get("Restarts", 0)) >= 1 and f["JobState"] == "PENDING",
+                      timeout=180)
+    log = Path(held["StdOut"])
+    assert "USR1 received" in log.read_text() and "checkpoint saved at step 2" in log.read_text()
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "lmforge.json").exists()
+    assert not (tmp_path / "run" / "final").exists()
+    waiting = slurm.job(ids["export"])
+    assert waiting["JobState"] == "PENDING" and waiting["Reason"] == "Dependency"
+    status = lmforge(slurm, "status", str(path)).stdout
+    assert status.splitlines()[0].split()[1] == "waiting" and "requeued" in status
+
+    slurm.run("scontrol", "update", f"JobId={ids['pretrain']}", "StartTime=now")  # a requeued job is held a while
+    slurm.wait(ids["export"], ended, timeout=600)
+    pre, export = slurm.job(ids["pretrain"]), slurm.job(ids["export"])
+    assert (pre["JobState"], pre["ExitCode"], pre["Restarts"]) == ("COMPLETED", "0:0", "1"), log.read_text()[-3000:]
+    assert export["JobState"] == "COMPLETED" and export["StartTime"] >= pre["EndTime"]
+    assert "checkpoints/step-00000002 at step 2" in log.read_text().split("requeueing job")[1]  # the resumed launch
+    assert (tmp_path / "run" / "wandb_id.txt").read_text() == run_id
+    assert train_steps(tmp_path / "run") == list(range(1, 9))  # each step logged once across the two jobs
+
+    reference = pretrain_config(tmp_path / "reference.yaml", tiny_data, tmp_path / "reference", train=train)
+    proc = launch("pretrain", reference, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mine, ref = weights(tmp_path / "run"), weights(tmp_path / "reference")
+    assert mine.keys() == ref.keys() and all(mine[k].equal(ref[k]) for k in ref)
+
+
+def test_a_failing_stage_cancels_its_dependents_and_status_names_its_log(slurm, tmp_path, tiny_data):
+    cfg = pretrain_config(tmp_path / "pretrain.yaml", tmp_path / "no-such-data", tmp_path / "run")
+    path = pipeline(tmp_path, [
+        {"name": "pretrain", "stage": "pretrain", "config": str(cfg)},
+        {"name": "export", "stage": "export", "source": "${pretrain.run_dir}", "out": str(tmp_path / "export")},
+    ])
+    assert lmforge(slurm, "submit", str(path)).returncode == 0
+    ids = jobs(tmp_path)
+    failed = slurm.wait(ids["pretrain"], ended, timeout=300)
+    cancelled = slurm.wait(ids["export"], ended, timeout=120)
+    assert failed["JobState"] == "FAILED" and failed["ExitCode"] != "0:0"
+    assert cancelled["JobState"] == "CANCELLED"  # --kill-on-invalid-dep: not left pending forever
+    log = Path(failed["StdOut"])
+    assert "no-such-data" in log.read_text()
+    lines = lmforge(slurm, "status", str(path)).stdout.splitlines()
+    assert lines[0].split()[1] == "failed" and f"log: {log}" in lines[0] and f"job {ids['pretrain']} FAILED" in lines[0]
+    assert lines[1].split()[1] == "cancelled" and "DependencyNeverSatisfied" in lines[1]
+
+
+def test_the_sbatch_template_runs_by_hand(slurm, tmp_path, tiny_data):
+    """`sbatch slurm/train.sbatch pretrain CONFIG key=value`, no pipeline: one node, torchrun, 2 ranks."""
+    cfg = pretrain_config(tmp_path / "pretrain.yaml", tiny_data, tmp_path / "run")
+    env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LMFORGE_PROCS_PER_NODE": "2"}
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/%x-%j.out", "slurm/train.sbatch", "pretrain",
+                           str(cfg), "train.max_steps=2", "train.save_every=2"], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip()
+    fields = slurm.wait(job, ended, timeout=300)
+    out = Path(fields["StdOut"])
+    assert out.name == f"lmforge-train-{job}.out"
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), out.read_text()[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    assert "2 rank(s)" in out.read_text()
+
+
+def test_an_array_tokenization_equals_the_one_node_output(slurm, tmp_path):
+    """`resources.array: 3`: the tokenizer job, a 3-task array (task i encodes chunks i, i+3, ...), then the job
+    that writes meta.json: byte for byte what one `lmforge tokenize` writes."""
+    from pretrain import tokenize
+
+    files = [str(p) for p in stdlib_files()[:60]]
+    cfg = write_yaml(tmp_path / "tokenize.yaml", {
+        "out_dir": str(tmp_path / "array"), "sources": [{"type": "files", "paths": files, "format": "txt"}],
+        "tokenizer": {"train": {"vocab_size": 600}}, "split": {"val_fraction": 0.1}, "workers": 1,
+        "progress": False, "shard_bytes": 1 << 16})
+    path = pipeline(tmp_path, [{"name": "tokenize", "stage": "tokenize", "config": str(cfg),
+                                "resources": {"array": 3}}])
+    sub = lmforge(slurm, "submit", str(path))
+    assert sub.returncode == 0, sub.stderr
+    record = json.loads((tmp_path / "work" / "pipeline.json").read_text())["tokenize"]
+    first, array, last = record["jobs"]
+    fields = slurm.wait(last, ended, timeout=600)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), Path(fields["StdOut"]).read_text()[-3000:]
+    tasks = [slurm.job(f"{array}_{i}") for i in range(3)]
+    assert all(t["JobState"] == "COMPLETED" for t in tasks)
+    assert slurm.job(first)["EndTime"] <= min(t["StartTime"] for t in tasks)
+    assert max(t["EndTime"] for t in tasks) <= fields["StartTime"]
+    logs = [Path(t["StdOut"]).read_text() for t in tasks]
+    assert all(f"part {i}/3: " in log for i, log in enumerate(logs))
+    assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'one'}"]) == 0
+    produced = {p.relative_to(tmp_path / "array"): p.read_bytes() for p in sorted((tmp_path / "array").rglob("*"))
+                if p.is_file() and p.suffix in (".bin", ".idx") or p.name in ("meta.json", "tokenizer.json")}
+    expected = {p.relative_to(tmp_path / "one"): p.read_bytes() for p in sorted((tmp_path / "one").rglob("*"))
+                if p.is_file() and p.suffix in (".bin", ".idx") or p.name in ("meta.json", "tokenizer.json")}
+    assert len(produced) > 4 and produced == expected

@@ -1,0 +1,189 @@
+"""Pipelines without launching anything: the schema, references, completion from disk, what reruns and why, and
+`lmforge submit --dry-run` pinned by golden files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmforge import pipeline as pl
+from lmforge import slurm
+from lmforge.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "golden"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A copy of configs/ in an empty working directory: no run of this checkout's runs/ is seen."""
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def chain(tmp: Path, **changes) -> Path:
+    """tokenize -> pretrain -> finetune -> export, on the shipped demo stage configs, into tmp/runs."""
+    stages = [
+        {"name": "tokenize", "stage": "tokenize", "config": "../tokenize/demo.yaml",
+         "overrides": [f"out_dir={tmp}/runs/data"]},
+        {"name": "pretrain", "stage": "pretrain", "config": "../pretrain/demo.yaml",
+         "overrides": ["data.path=${tokenize.out_dir}", f"run_dir={tmp}/runs/pretrain"]},
+        {"name": "finetune", "stage": "finetune", "config": "../finetune/demo.yaml",
+         "overrides": ["init_from=${pretrain.final}", f"run_dir={tmp}/runs/finetune"]},
+        {"name": "export", "stage": "export", "source": "${finetune.run_dir}", "out": f"{tmp}/runs/export"},
+    ]
+    for name, change in changes.items():
+        next(s for s in stages if s["name"] == name).update(change)
+    return write(tmp / "configs" / "pipelines" / "t.yaml", {"name": "t", "work_dir": str(tmp / "runs"),
+                                                           "stages": stages})
+
+
+def finish(step: pl.Step, digest: str | None = None) -> None:
+    """Write the completion record a stage writes when it finishes."""
+    out = step.output
+    if step.kind == "tokenize":
+        write_json(out / "meta.json", {"config_digest": digest or step.config.output_digest(), "config": {}})
+    elif step.kind in ("pretrain", "finetune", "distill"):
+        write_json(out / "final" / "lineage.json", {"config_digest": digest or step.config.digest(), "step": 7})
+        write_json(out / "summary.json", {"steps": 7})
+        out.joinpath("config.yaml").write_text(yaml.safe_dump(step.config.model_dump(mode="json")))
+    else:
+        src = json.loads((Path(step.source) / "final" / "lineage.json").read_text())
+        write_json(out / "lineage.json", src)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_references_resolve_to_upstream_outputs_and_order_the_stages(project):
+    p = pl.load(chain(project))
+    pretrain, finetune, export = p.steps[1:]
+    assert pretrain.overrides[0] == f"data.path={project}/runs/data"
+    assert finetune.overrides[0] == f"init_from={project}/runs/pretrain/final"
+    assert export.source == f"{project}/runs/finetune" and export.deps == ["finetune"]
+    assert str(finetune.config.init_from) == f"{project}/runs/pretrain/final"  # validated with the value filled in
+    assert [s.state for s in p.steps] == ["new"] * 4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"pretrain": {"overrides": ["data.path=${finetune.run_dir}"]}}, "names finetune, which comes later"),
+    ({"pretrain": {"overrides": ["data.path=${tokenizer.out_dir}"]}}, "is not a stage of this pipeline"),
+    ({"finetune": {"overrides": ["init_from=${pretrain.run_dri}"]}}, "has no 'run_dri'"),
+    ({"finetune": {"overrides": ["init_from=${tokenize.final}"]}}, "makes no model folder"),
+    ({"finetune": {"overrides": ["optim.lrr=1"]}}, "optim.lrr: unknown key; did you mean 'lr'"),
+    ({"finetune": {"name": "pretrain"}}, "two stages are named pretrain"),
+    ({"export": {"out": None}}, "`stage: export` needs out"),
+    ({"export": {"config": "../finetune/demo.yaml"}}, "takes no config"),
+    ({"pretrain": {"config": None}}, "`stage: pretrain` needs `config`"),
+    ({"pretrain": {"resources": {"array": 4}}}, "resources.array is for tokenize"),
+    ({"pretrain": {"resources": {"gpus": 8}}}, "stages[1].resources.gpus: unknown key"),
+])
+def test_a_bad_pipeline_is_refused_before_anything_runs_naming_the_stage_and_key(project, change, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        pl.load(chain(project, **change))
+    assert message in str(err.value)
+    assert "t.yaml" in str(err.value)
+
+
+def test_cli_refusal_is_one_line_with_status_2(project, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        pl.main([str(chain(project, pretrain={"overrides": ["data.path=${x.y}"]}))])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmforge run: ") and "Traceback" not in err
+
+
+def test_finished_stages_are_skipped_and_a_changed_one_reruns_with_everything_downstream(project):
+    path = chain(project)
+    p = pl.load(path)
+    for step in p.steps:
+        finish(step)
+        p = pl.load(path)  # later stages read earlier outputs (export reads the run's final/lineage.json)
+    assert [s.state for s in p.steps] == ["done"] * 4
+    assert not any(s.runs for s in p.steps)
+
+    p = pl.load(chain(project, pretrain={"overrides": ["data.path=${tokenize.out_dir}", f"run_dir={project}/runs/pretrain",
+                                                      "optim.lr=1.0e-3"]}))  # the pretraining config changed
+    assert [s.state for s in p.steps] == ["done", "changed", "changed", "changed"]
+    assert "optim.lr 0.003 -> 0.001" in p.steps[1].why
+    assert p.steps[2].why == "upstream pretrain reruns" and p.steps[3].why == "upstream finetune reruns"
+    lines = pl.plan_lines(p)
+    assert lines[0].split()[:2] == ["tokenize", "skip"] and lines[1].split()[:2] == ["pretrain", "rerun"]
+    assert "its old output moves aside" in lines[1]
+
+
+def test_moving_a_changed_stage_aside_keeps_its_output(project):
+    path = chain(project)
+    p = pl.load(path)
+    finish(p.steps[0], digest="another")
+    p = pl.load(path)
+    assert p.steps[0].state == "changed" and "holds tokens of another config" in p.steps[0].why
+    aside = pl.move_aside(p.steps[0])
+    assert aside.name.startswith("data.old-") and (aside / "meta.json").exists()
+    assert not (project / "runs" / "data").exists()
+
+
+def test_a_stopped_run_resumes_and_a_missing_report_is_not_done(project):
+    path = chain(project)
+    p = pl.load(path)
+    (p.steps[1].output / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (p.steps[0].output / "chunks").mkdir(parents=True)
+    write_json(p.steps[0].output / "chunks" / "state.json", {"config_digest": p.steps[0].config.output_digest()})
+    p = pl.load(path)
+    assert [s.state for s in p.steps[:2]] == ["partial", "partial"]
+    assert "resumes" in p.steps[1].why
+
+
+def test_local_commands_and_pipeline_record(project):
+    p = pl.load(chain(project, pretrain={"resources": {"procs_per_node": 3}}))
+    cmd = p.command(p.steps[1])
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3"]
+    assert pl.TORCHRUN_SIGNALS in cmd and cmd[cmd.index("-m", 3) + 1] == "pretrain"
+    assert p.command(p.steps[3])[3:] == ["export", f"{project}/runs/finetune", f"{project}/runs/export"]
+    assert p.env()["WANDB_RUN_GROUP"] == "t"
+    p.remember("pretrain", mode="local", exit=1, log="x.log")
+    assert p.record()["pretrain"]["exit"] == 1
+    assert pl.status_lines(pl.load(chain(project)))[1].split()[:2] == ["pretrain", "failed"]
+
+
+def test_the_signal_lead_covers_the_measured_save(project):
+    p = pl.load(chain(project))
+    assert slurm.signal_lead(p, p.steps[1]) == 300  # nothing measured yet
+    write_json(p.steps[1].output / "summary.json", {"checkpoint_save_seconds": [20.0, 95.5]})
+    assert slurm.signal_lead(p, p.steps[1]) == int(3 * 95.5 + 120)
+    p = pl.load(chain(project, pretrain={"resources": {"signal_lead": 42}}))
+    assert slurm.signal_lead(p, p.steps[1]) == 42
+
+
+@pytest.mark.parametrize("name", ["demo", "gpt2_124m"])
+def test_submit_dry_run_is_pinned_by_a_golden_file(project, capsys, name):
+    """The sbatch lines `lmforge submit --dry-run` prints for the shipped pipelines (paths normalised). After an
+    intended change: LMFORGE_UPDATE_GOLDEN=1 pytest tests/unit/test_pipeline.py."""
+    assert slurm.main([f"configs/pipelines/{name}.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out.replace(str(ROOT), "<ROOT>")
+    golden = GOLDEN / f"submit_{name}.txt"
+    if os.environ.get("LMFORGE_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(out)
+    assert out == golden.read_text()
+    assert "HF_TOKEN" not in out
+
+
+def test_every_shipped_pipeline_loads(project):
+    for path in sorted((project / "configs" / "pipelines").glob("*.yaml")):
+        p = pl.load(path)
+        assert p.steps, path
