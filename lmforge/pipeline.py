@@ -503,13 +503,27 @@ def main(argv: list[str] | None = None) -> int:
     return run(pipeline, args.dry_run)
 
 
+def newest_checkpoint(run_dir: Path) -> int:
+    """The step of the newest committed checkpoint in a run folder (its commit record written), 0 if none."""
+    steps = [int(p.parent.name.removeprefix("step-")) for p in Path(run_dir).glob("checkpoints/step-*/lmforge.json")
+             if p.parent.name.removeprefix("step-").isdigit()]
+    return max(steps, default=0)
+
+
 def check_done(argv: list[str]) -> int:
-    """`python -m lmforge.pipeline STAGE CONFIG [key=value ...]`: exit 0 when that stage's output is complete for
-    this config, 1 when not (slurm/train.sbatch asks after the workers exit: a run stopped by train.max_time or a
-    signal requeues; only a finished one may satisfy afterok), 2 on a bad config."""
+    """What slurm/train.sbatch asks about its stage, without torch: `python -m lmforge.pipeline [--newest | --since
+    STEP] STAGE CONFIG [key=value ...]`. --newest prints the newest committed checkpoint's step. Otherwise: exit 0
+    when the stage's output is complete for this config; 1 when not, but a checkpoint newer than STEP is there (a
+    run stopped by a signal or train.max_time: requeue); 3 when not and no newer one (requeueing would loop
+    without progress); 2 on a bad config."""
+    mode, since = "check", -1
+    if argv[:1] == ["--newest"]:
+        mode, argv = "newest", argv[1:]
+    elif argv[:1] == ["--since"] and len(argv) > 1 and argv[1].isdigit():
+        since, argv = int(argv[1]), argv[2:]
     if len(argv) < 2 or argv[0] not in TRAINING_KINDS + ("tokenize",):
-        print("usage: python -m lmforge.pipeline pretrain|finetune|distill|tokenize CONFIG [key=value ...]",
-              file=sys.stderr)
+        print("usage: python -m lmforge.pipeline [--newest | --since STEP] pretrain|finetune|distill CONFIG "
+              "[key=value ...]", file=sys.stderr)
         return 2
     kind, config, *overrides = argv
     try:
@@ -517,11 +531,18 @@ def check_done(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"lmforge: {e}", file=sys.stderr)
         return 2
+    output = Path(cfg.out_dir if kind == "tokenize" else cfg.run_dir)
+    if mode == "newest":
+        print(newest_checkpoint(output))
+        return 0
     spec = StageSpec(name=kind, stage=kind, config=Path(config), overrides=overrides)
-    step = Step(spec, [], overrides, Path(config), cfg, output=Path(cfg.out_dir if kind == "tokenize" else cfg.run_dir))
-    state, why = completion(None, step)
-    print(f"[{kind}] {'finished' if state == 'done' else 'not finished'}: {why}", flush=True)
-    return 0 if state == "done" else 1
+    state, why = completion(None, Step(spec, [], overrides, Path(config), cfg, output=output))
+    if state == "done":
+        print(f"[{kind}] finished: {why}", flush=True)
+        return 0
+    newest = newest_checkpoint(output)
+    print(f"[{kind}] not finished: {why}; newest checkpoint: step {newest}", flush=True)
+    return 1 if newest > since else 3
 
 
 def status_main(argv: list[str] | None = None) -> int:

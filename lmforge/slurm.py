@@ -89,8 +89,9 @@ def sbatch_lines(pipeline: Pipeline, step: Step, after: list[str]) -> list[tuple
     if step.kind in TRAINING_KINDS:
         procs, launch = pipeline.procs_per_node(step), r.launch or "torchrun"
         lead = signal_lead(pipeline, step)
+        # torchrun's wait for the workers' save after a signal: inside the lead, with time left to requeue
         env = {"LMFORGE_LAUNCH": launch, "LMFORGE_PROCS_PER_NODE": str(procs),
-               "LMFORGE_SHUTDOWN_TIMEOUT": str(lead - 60)}  # torchrun's wait for a save: inside the lead
+               "LMFORGE_SHUTDOWN_TIMEOUT": str(lead - min(60, lead // 3))}
         options = [f"--nodes={r.nodes or 1}", f"--ntasks-per-node={procs if launch == 'srun' else 1}",
                    f"--signal=B:USR1@{lead}"]
         return [line("", "train.sbatch", [step.kind, str(step.config_path), *step.overrides], options, env, after)]

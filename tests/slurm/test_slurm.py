@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -73,7 +74,7 @@ def test_a_pipeline_runs_as_slurm_jobs_chained_by_afterok(slurm, tmp_path, tiny_
     sub = lmforge(slurm, "submit", str(path))
     assert sub.returncode == 0, sub.stderr
     ids = jobs(tmp_path)
-    assert list(ids) == ["tokenize", "pretrain", "finetune", "export"]
+    assert set(ids) == {"tokenize", "pretrain", "finetune", "export"}
     slurm.wait(ids["export"], ended, timeout=900)
     fields = {name: slurm.job(job) for name, job in ids.items()}
     logs = {name: Path(f["StdOut"]) for name, f in fields.items()}
@@ -215,3 +216,56 @@ def test_an_array_tokenization_equals_the_one_node_output(slurm, tmp_path):
     expected = {p.relative_to(tmp_path / "one"): p.read_bytes() for p in sorted((tmp_path / "one").rglob("*"))
                 if p.is_file() and p.suffix in (".bin", ".idx") or p.name in ("meta.json", "tokenizer.json")}
     assert len(produced) > 4 and produced == expected
+
+
+def test_a_time_limit_saves_and_requeues_and_without_requeue_never_satisfies_afterok(slurm, tmp_path, tiny_data):
+    """A 2-minute job told to save 45 s before its limit (--signal=B:USR1@45; slurmctld checks every 30 s, so it
+    comes 45-75 s in, after start-up) whose 60 steps with a 1 s save each cannot finish in time: it saves, requeues, and, released
+    with a longer limit, resumes and finishes with the uninterrupted run's weights. The same stop in a job submitted
+    with --no-requeue ends FAILED (exit 75), not COMPLETED: the export waiting on it is cancelled rather than run on
+    a half-trained model."""
+    train = {"max_steps": 60, "log_every": 1, "eval_every": 100, "save_every": 1, "keep_last": 1}
+    stages = lambda cfg, resources: [  # noqa: E731
+        {"name": "pretrain", "stage": "pretrain", "config": str(cfg), "resources": {"procs_per_node": 2, **resources}},
+        {"name": "export", "stage": "export", "source": "${pretrain.run_dir}", "out": str(cfg.parent / "export")}]
+
+    limited, once = tmp_path / "limited", tmp_path / "once"
+    cfg = pretrain_config(limited / "pretrain.yaml", tiny_data, limited / "run", train=train)
+    sub = lmforge(slurm, "submit", str(pipeline(limited, stages(cfg, {"time": "2", "signal_lead": 45}))),
+                  env={"LMFORGE_FAULT": "save-slow:1+:0", "LMFORGE_FAULT_SECONDS": "1"})
+    assert sub.returncode == 0, sub.stderr
+    ids = jobs(limited)
+
+    # meanwhile, on the other node: the same stop where requeueing is not allowed
+    cfg = pretrain_config(once / "pretrain.yaml", tiny_data, once / "run", train={**train, "save_every": 2})
+    sub = lmforge(slurm, "submit", str(pipeline(once, stages(cfg, {"sbatch": ["--no-requeue"]}))),
+                  env={"LMFORGE_FAULT": "save-slow:2:0", "LMFORGE_FAULT_SECONDS": "8"})
+    assert sub.returncode == 0, sub.stderr
+    no_requeue = jobs(once)
+    metrics = once / "run" / "metrics.jsonl"
+    slurm.wait(no_requeue["pretrain"], lambda f: ended(f) or metrics.exists() and metrics.read_text().count(
+        "train/loss") >= 2, timeout=300, poll=0.2)
+    slurm.run("scancel", "--signal=USR1", "--batch", no_requeue["pretrain"])
+    pre = slurm.wait(no_requeue["pretrain"], ended, timeout=180)
+    assert (pre["JobState"], pre["ExitCode"]) == ("FAILED", "75:0"), Path(pre["StdOut"]).read_text()[-3000:]
+    assert "requeue refused" in Path(pre["StdOut"]).read_text()
+    assert slurm.wait(no_requeue["export"], ended, timeout=60)["JobState"] == "CANCELLED"
+    assert not (once / "export").exists()
+
+    deadline = time.time() + 400
+    while not ended(export := slurm.job(ids["export"])):
+        pre = slurm.job(ids["pretrain"])
+        assert time.time() < deadline and pre["JobState"] not in ("FAILED", "TIMEOUT", "CANCELLED"), \
+            Path(pre["StdOut"]).read_text()[-3000:]
+        if pre["JobState"] == "PENDING" and pre["Reason"] == "BeginTime":  # requeued: released, with time to finish
+            slurm.run("scontrol", "update", f"JobId={ids['pretrain']}", "TimeLimit=10", "StartTime=now")
+        time.sleep(1)
+    pre = slurm.job(ids["pretrain"])
+    log = Path(pre["StdOut"]).read_text()
+    assert (pre["JobState"], pre["ExitCode"], pre["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+    assert export["JobState"] == "COMPLETED" and "USR1 received" in log and "checkpoint saved at step" in log
+    reference = pretrain_config(tmp_path / "reference.yaml", tiny_data, tmp_path / "reference",
+                                train={**train, "save_every": 60})  # the saves change nothing but the time
+    assert launch("pretrain", reference, nproc=2).returncode == 0
+    mine, ref = weights(limited / "run"), weights(tmp_path / "reference")
+    assert all(mine[k].equal(ref[k]) for k in ref)
