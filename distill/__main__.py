@@ -37,6 +37,7 @@ from distill.student import Projections, from_teacher, identities, resolve
 from distill.teacher_cache import CacheError, TeacherCache, data_identity
 from lmforge import checkpoint as ckpt
 from lmforge.config import to_yaml
+from lmforge.config.base import result_digest
 from lmforge.config.command import parse_command
 from lmforge.config.distill import DistillConfig
 from lmforge.data import examples as fd
@@ -381,7 +382,8 @@ def distill(cfg: DistillConfig, launched: float, stops: list[int], baseline: boo
                 "export_skips": [Projections.PREFIX], "wandb_id": tracker.run_id, "skipped_steps": health.skipped,
                 "lineage": ckpt.lineage(STAGE, run.dir, at_step, tokens_seen, shown.digest(), tok_hash,
                                         lineage_data, cfg.teacher, (cfg.data.path if lm else None, cfg.teacher,
-                                                                    cfg.student.init_from)),
+                                                                    cfg.student.init_from),
+                                        result_digest(shown)),
                 "card": ckpt.card(STAGE, "text-generation" if lm else "text-classification", engine.module,
                                   **run.facts(), tokens_seen=tokens_seen, steps=at_step,
                                   metrics=scores(last_eval) | scores(tested), config_yaml=to_yaml(shown),

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from lmforge import checkpoint as ckpt
 from lmforge.config import to_yaml
+from lmforge.config.base import result_digest
 from lmforge.config.command import parse_command
 from lmforge.config.finetune import FinetuneConfig
 from lmforge.data import examples as fd
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 "lineage": ckpt.lineage(STAGE, run.dir, at_step, tokens_seen, cfg.digest(), tok_hash,
                                         {"source": cfg.data.builtin or cfg.data.train.describe(),
                                          "digest": data_digest, "examples": len(train)}, cfg.init_from,
-                                        (cfg.init_from,)),
+                                        (cfg.init_from,), result_digest(cfg)),
                 "card": ckpt.card(STAGE, "text-generation" if sft else "text-classification",
                                   engine.module.get_base_model() if cfg.lora else engine.module,
                                   **run.facts(), tokens_seen=tokens_seen, steps=at_step,

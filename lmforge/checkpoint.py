@@ -469,13 +469,14 @@ def quarantine(folder: Path) -> Path:
 
 
 def lineage(stage: str, run_dir: Path, step: int, tokens: int, config_digest: str, tokenizer_hash: str | None,
-            data: dict | None, parent: Path | None, upstream: tuple[Path | None, ...] = ()) -> dict:
+            data: dict | None, parent: Path | None, upstream: tuple[Path | None, ...] = (),
+            result_digest: str | None = None) -> dict:
     """What `final/lineage.json` records: this stage's identity, and the lineage of every upstream folder
     (token data, parent model) read from their own lineage.json. Local paths are absolute here, for the
     tools that follow a chain on this cluster; `lmforge push` shortens them in what it uploads."""
     return {
         "stage": stage, "run_dir": str(Path(run_dir).resolve()), "step": step, "tokens": tokens,
-        "config_digest": config_digest, "git_commit": git_commit(),
+        "config_digest": config_digest, "result_digest": result_digest, "git_commit": git_commit(),
         "checkpoint": str((Path(run_dir) / "checkpoints" / tag_for(step)).resolve()),
         "parent": str(Path(parent).resolve()) if parent else None, "tokenizer_hash": tokenizer_hash,
         "data": data,

@@ -23,10 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from lmforge import atomic
 from lmforge.config import ConfigError, load_config
+from lmforge.config.base import RUN_ONLY, result_digest
 from lmforge.config.pipeline import (
     CONFIG_KINDS,
     REFERENCE,
@@ -227,9 +226,15 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> Pipelin
     pipeline = Pipeline(path, cfg, list(steps.values()))
     for step in pipeline.steps:
         step.state, step.why = completion(pipeline, step)
-        step.rerun_for = [d for d in step.deps if steps[d].runs]
+        # an upstream that changes its output reruns this one; one whose output is merely gone (token shards deleted
+        # once the model trained on them) does not
+        step.rerun_for = [d for d in step.deps if steps[d].state in ("changed", "partial")]
         if step.state == "done" and step.rerun_for:
             step.state, step.why = "changed", f"upstream {', '.join(step.rerun_for)} reruns"
+    for step in reversed(pipeline.steps):  # an output that is gone is made again only if a stage still needs it
+        users = [s for s in pipeline.steps if step.name in s.deps]
+        if step.state == "new" and users and all(not u.runs for u in users):
+            step.state, step.why = "done", f"{step.output} is gone, but every stage that uses it is done"
     return pipeline
 
 
@@ -253,10 +258,15 @@ def completion(pipeline: Pipeline, step: Step) -> tuple[str, str]:
         lineage = read_json(out / "final" / "lineage.json")
         needed = ["summary.json"] + (["report.json"] if step.kind == "distill" else [])
         if lineage is not None:
-            if lineage.get("config_digest") != step.config.digest():
-                saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
+            made, steps, want = lineage.get("result_digest"), lineage.get("step"), step.config.train.max_steps
+            same = made == result_digest(step.config) if made else lineage.get("config_digest") == step.config.digest()
+            if not same:
                 return "changed", f"{out}/final was made from another config: " + differences(
-                    saved or {}, step.config.model_dump(mode="json"))
+                    result_config(out / "config.yaml", step.kind), step.config.model_dump(mode="json", exclude=RUN_ONLY))
+            if made and want is not None and steps != want:
+                if steps < want:  # the resume checks decide at launch whether it may go on
+                    return "partial", f"{out}/final holds step {steps}; train.max_steps is {want}: trains on"
+                return "changed", f"{out}/final holds step {steps}, past train.max_steps {want}"
             missing = [n for n in needed if not (out / n).exists()]
             if not missing:
                 return "done", f"{out}/final holds step {lineage.get('step')} of this config"
@@ -279,6 +289,14 @@ def completion(pipeline: Pipeline, step: Step) -> tuple[str, str]:
     if {k: receipt.get(k) for k in want} == want:
         return "done", f"pushed to {step.spec.repo_id}@{want['revision']}"
     return "changed", f"{step.source} changed since it was pushed"
+
+
+def result_config(path: Path, kind: str) -> dict:
+    """A run folder's saved config.yaml as the digest sees it (RUN_ONLY left out), {} when unreadable."""
+    try:
+        return load_config(path, schema(kind)).model_dump(mode="json", exclude=RUN_ONLY)
+    except ConfigError:
+        return {}
 
 
 def move_aside(step: Step) -> Path | None:
@@ -504,10 +522,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def newest_checkpoint(run_dir: Path) -> int:
-    """The step of the newest committed checkpoint in a run folder (its commit record written), 0 if none."""
-    steps = [int(p.parent.name.removeprefix("step-")) for p in Path(run_dir).glob("checkpoints/step-*/lmforge.json")
-             if p.parent.name.removeprefix("step-").isdigit()]
-    return max(steps, default=0)
+    """The newest committed checkpoint's step in a run folder (commit record written), plus its no-KD baseline's
+    (a distillation trains RUN_DIR/baseline first): it grows whenever either run saves. 0 if none."""
+    def newest(pattern: str) -> int:
+        return max((int(p.parent.name.removeprefix("step-")) for p in Path(run_dir).glob(pattern)
+                    if p.parent.name.removeprefix("step-").isdigit()), default=0)
+
+    return newest("checkpoints/step-*/lmforge.json") + newest("baseline/checkpoints/step-*/lmforge.json")
 
 
 def check_done(argv: list[str]) -> int:

@@ -31,17 +31,27 @@ class SlurmError(Exception):
     """sbatch or scontrol refused or is missing; the message says what to do."""
 
 
+SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # only the push job gets them (sbatch passes the environment on)
+
+
 def job_states(ids: list[str]) -> dict[str, dict]:
-    """`scontrol show job` of each id, as Key=Value fields; ids Slurm no longer knows are left out."""
+    """`scontrol show job` of each id, as Key=Value fields; ids Slurm no longer knows are left out. Any other
+    failure (a controller that does not answer) is a SlurmError: a job must never be taken for gone, and its stage
+    resubmitted under it, because scontrol timed out."""
     out = {}
     for job in ids:
         try:
             proc = subprocess.run(["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True,
-                                  timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
+                                  timeout=60)
+        except FileNotFoundError:
+            raise SlurmError("scontrol not found: `lmforge submit` and the status of Slurm jobs need a Slurm login "
+                             "node") from None
+        except subprocess.TimeoutExpired:
+            raise SlurmError(f"scontrol show job {job} did not answer in 60 s; try again") from None
+        if proc.returncode != 0 and "Invalid job id" in proc.stderr:
             continue
         if proc.returncode != 0 or not proc.stdout.strip():
-            continue
+            raise SlurmError(f"scontrol show job {job}: {proc.stderr.strip() or 'no answer'}")
         fields = {}
         for token in proc.stdout.split("\n")[0].split():
             key, sep, value = token.partition("=")
@@ -63,6 +73,20 @@ def signal_lead(pipeline: Pipeline, step: Step) -> int:
     saves = list(saves.values()) if isinstance(saves, dict) else saves if isinstance(saves, list) else [saves]
     save = max([s for s in saves if isinstance(s, (int, float))], default=0.0)
     return int(max(300, 3 * save + 120))
+
+
+def seconds(limit: str) -> int | None:
+    """A Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds; None when unlimited or odd."""
+    days, _, rest = limit.rpartition("-") if "-" in limit else ("0", "", limit)
+    parts = rest.split(":")
+    if not days.isdigit() or not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
+        return None
+    nums = [int(p) for p in parts]
+    if days != "0" or "-" in limit:  # D-HH[:MM[:SS]]
+        h, m, sec = (nums + [0, 0])[:3]
+    else:  # MM, MM:SS, HH:MM:SS
+        h, m, sec = [0, *nums] if len(nums) == 2 else nums if len(nums) == 3 else [0, nums[0], 0]
+    return int(days) * 86400 + h * 3600 + m * 60 + sec
 
 
 def sbatch_lines(pipeline: Pipeline, step: Step, after: list[str]) -> list[tuple[str, dict[str, str], list[str]]]:
@@ -89,6 +113,10 @@ def sbatch_lines(pipeline: Pipeline, step: Step, after: list[str]) -> list[tuple
     if step.kind in TRAINING_KINDS:
         procs, launch = pipeline.procs_per_node(step), r.launch or "torchrun"
         lead = signal_lead(pipeline, step)
+        limit = seconds(r.time) if r.time else None
+        if limit is not None and lead + 60 >= limit:  # Slurm may send it 60 s early: it would come at the start
+            raise SlurmError(f"stage {step.name}: resources.time {r.time} leaves no time to train before the save "
+                             f"signal {lead} s ahead of it (resources.signal_lead); ask for more time or a shorter lead")
         # torchrun's wait for the workers' save after a signal: inside the lead, with time left to requeue
         env = {"LMFORGE_LAUNCH": launch, "LMFORGE_PROCS_PER_NODE": str(procs),
                "LMFORGE_SHUTDOWN_TIMEOUT": str(lead - min(60, lead // 3))}
@@ -100,7 +128,8 @@ def sbatch_lines(pipeline: Pipeline, step: Step, after: list[str]) -> list[tuple
         if not r.array:
             return [line("", "tokenize.sbatch", args, [], {}, after)]
         return [line("tokenizer", "tokenize.sbatch", [*args, "--tokenizer-only"], [], {}, after),
-                line("encode", "tokenize.sbatch", args, [f"--array=0-{r.array - 1}"], {}, ["$PREVIOUS"]),
+                line("encode", "tokenize.sbatch", args, [f"--array=0-{r.array - 1}"],
+                     {"LMFORGE_ARRAY_PARTS": str(r.array)}, ["$PREVIOUS"]),
                 line("", "tokenize.sbatch", args, [], {}, ["$PREVIOUS"])]
     return [line("", "cpu.sbatch", pipeline.command(step)[3:], [], {}, after)]  # `lmforge export|push ...`
 
@@ -130,10 +159,16 @@ def submit(pipeline: Pipeline, dry_run: bool = False) -> int:
             if not dry_run:
                 print(f"[submit] {step.name}: done, no job ({step.why})")
             continue
-        if step.name in live:
+        renewed = [d for d in step.deps if d in jobs and jobs[d] not in live.values()]
+        if step.name in live and not renewed:
             jobs[step.name] = live[step.name]
             print(f"[submit] {step.name}: already queued as job {live[step.name]}; not submitted again")
             continue
+        if step.name in live:  # it waits on upstream jobs that this submission replaced: it must wait on the new ones
+            if not dry_run:
+                subprocess.run(["scancel", live[step.name]], capture_output=True, timeout=60)
+            print(f"[submit] {step.name}: job {live[step.name]} cancelled: it waited on the old jobs of "
+                  f"{', '.join(renewed)}")
         after = [jobs[d] for d in step.deps if d in jobs]  # done upstream stages have no job to wait for
         aside = None if dry_run else move_aside(step)
         previous, ids = None, []
@@ -144,7 +179,8 @@ def submit(pipeline: Pipeline, dry_run: bool = False) -> int:
                 print(f"{previous[1:]}=$({shell(exports, line)})")
                 continue
             try:
-                proc = subprocess.run(line, capture_output=True, text=True, env={**env, **exports}, timeout=120)
+                job_env = {k: v for k, v in {**env, **exports}.items() if step.kind == "push" or k not in SECRETS}
+                proc = subprocess.run(line, capture_output=True, text=True, env=job_env, timeout=120)
             except FileNotFoundError:
                 raise SlurmError("sbatch not found: run `lmforge submit` on a Slurm login node (or use `lmforge run` "
                                  "to run the pipeline here)") from None

@@ -25,6 +25,7 @@ import torch
 
 from lmforge import checkpoint as ckpt
 from lmforge.config import to_yaml
+from lmforge.config.base import result_digest
 from lmforge.config.command import parse_command
 from lmforge.config.pretrain import PretrainConfig
 from lmforge.data.sampler import WindowSampler, eval_windows
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 "lineage": ckpt.lineage(STAGE, run.dir, at_step, tokens_seen, cfg.digest(), tok["hash"], {
                     "path": str(Path(cfg.data.path).resolve()), "fingerprint": meta["source_fingerprint"],
                     "config_digest": meta.get("config_digest"), "tokens": meta["splits"]["train"]["tokens"]},
-                    cfg.init_from, (Path(cfg.data.path), cfg.init_from)),
+                    cfg.init_from, (Path(cfg.data.path), cfg.init_from), result_digest(cfg)),
                 "card": ckpt.card(STAGE, "text-generation", engine.module, **run.facts(), tokens_seen=tokens_seen,
                                   steps=at_step, global_batch_tokens=tokens_per_step, metrics=metrics,
                                   data_fingerprint=meta["source_fingerprint"], tokenizer_hash=tok["hash"],

@@ -23,3 +23,17 @@ class StrictModel(BaseModel):
         """A short, stable hash of the resolved values (for lineage and resume checks)."""
         blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# What changes how a training run is watched, paced, paused or kept, never the model it ends with: a pipeline does
+# not rerun a finished stage for these (its W&B tags, its log interval). max_steps is compared on its own, with the
+# steps the run trained: a longer run trains on from where the finished one stopped.
+RUN_ONLY = {"tracking": True,
+            "train": {"max_steps", "log_every", "save_every", "keep_last", "keep_every", "max_time", "lease_timeout",
+                      "max_bad_steps"},
+            "engine": {"collective_timeout", "peak_flops"}}
+
+
+def result_digest(config: StrictModel) -> str:
+    """The digest of a training stage's config minus RUN_ONLY: equal digests, equal models (recorded in lineage.json)."""
+    return config.digest(exclude=RUN_ONLY)

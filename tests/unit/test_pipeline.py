@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import yaml
 from lmforge import pipeline as pl
 from lmforge import slurm
 from lmforge.config import ConfigError
+from lmforge.config.base import result_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
@@ -56,7 +58,8 @@ def finish(step: pl.Step, digest: str | None = None) -> None:
     if step.kind == "tokenize":
         write_json(out / "meta.json", {"config_digest": digest or step.config.output_digest(), "config": {}})
     elif step.kind in ("pretrain", "finetune", "distill"):
-        write_json(out / "final" / "lineage.json", {"config_digest": digest or step.config.digest(), "step": 7})
+        write_json(out / "final" / "lineage.json", {"config_digest": step.config.digest(), "step": step.config.train.max_steps,
+                                                    "result_digest": digest or result_digest(step.config)})
         write_json(out / "summary.json", {"steps": 7})
         out.joinpath("config.yaml").write_text(yaml.safe_dump(step.config.model_dump(mode="json")))
     else:
@@ -124,6 +127,75 @@ def test_finished_stages_are_skipped_and_a_changed_one_reruns_with_everything_do
     lines = pl.plan_lines(p)
     assert lines[0].split()[:2] == ["tokenize", "skip"] and lines[1].split()[:2] == ["pretrain", "rerun"]
     assert "its old output moves aside" in lines[1]
+
+
+def test_what_only_changes_how_a_run_is_watched_reruns_nothing_and_a_longer_run_trains_on(project):
+    path = chain(project)
+    p = pl.load(path)
+    for step in p.steps:
+        finish(step)
+        p = pl.load(path)
+    base = ["data.path=${tokenize.out_dir}", f"run_dir={project}/runs/pretrain"]
+    cosmetic = ["tracking.tags=[a]", "train.log_every=1", "train.save_every=7", "engine.collective_timeout=60"]
+    assert [s.state for s in pl.load(chain(project, pretrain={"overrides": base + cosmetic})).steps] == ["done"] * 4
+    longer = pl.load(chain(project, pretrain={"overrides": base + ["train.max_steps=800"]}))
+    assert [s.state for s in longer.steps] == ["done", "partial", "changed", "changed"]
+    assert "holds step 400; train.max_steps is 800: trains on" in longer.steps[1].why
+    assert "moves aside" not in pl.plan_lines(longer)[1]  # trained on in place, not thrown away
+    shorter = pl.load(chain(project, pretrain={"overrides": base + ["train.max_steps=100"]}))
+    assert shorter.steps[1].state == "changed" and "past train.max_steps 100" in shorter.steps[1].why
+
+
+def test_deleted_token_shards_do_not_retrain_the_model_made_from_them(project):
+    path = chain(project)
+    p = pl.load(path)
+    for step in p.steps:
+        finish(step)
+        p = pl.load(path)
+    shutil.rmtree(project / "runs" / "data")
+    p = pl.load(path)
+    assert [s.state for s in p.steps] == ["done"] * 4
+    assert "is gone, but every stage that uses it is done" in p.steps[0].why
+    shutil.rmtree(project / "runs" / "finetune")  # the fine-tuning runs again from the model, which is there
+    assert [s.state for s in pl.load(path).steps] == ["done", "done", "new", "changed"]
+
+
+def test_the_lead_must_fit_in_the_time_limit_and_only_the_push_job_gets_the_token(project, monkeypatch):
+    assert [slurm.seconds(t) for t in ("90", "1:30", "01:00:00", "2-00:00:00", "1-12", "UNLIMITED")] == [
+        5400, 90, 3600, 172800, 129600, None]
+    p = pl.load(chain(project, pretrain={"resources": {"time": "5", "signal_lead": 300}}))
+    with pytest.raises(slurm.SlurmError, match="leaves no time to train"):
+        slurm.sbatch_lines(p, p.steps[1], [])
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append((cmd, kwargs.get("env", {})))
+        return subprocess.CompletedProcess(cmd, 0, stdout=f"{len(calls)}\n", stderr="")
+
+    monkeypatch.setattr(slurm.subprocess, "run", fake_run)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    path = chain(project)
+    data = yaml.safe_load(path.read_text())
+    data["stages"].append({"name": "push", "stage": "push", "source": "${export.dir}", "repo_id": "org/m"})
+    write(path, data)
+    assert slurm.submit(pl.load(path)) == 0
+    envs = {cmd[cmd.index("--parsable") + 1].split("=")[1]: env for cmd, env in calls}
+    assert "HF_TOKEN" not in envs["t-pretrain"] and "HF_TOKEN" not in envs["t-tokenize"]
+    assert envs["t-push"]["HF_TOKEN"] == "hf_secret" and envs["t-pretrain"]["WANDB_RUN_GROUP"] == "t"
+    deps = {cmd[cmd.index("--parsable") + 1].split("=")[1]: [a for a in cmd if a.startswith("--dependency")]
+            for cmd, _ in calls}
+    assert deps["t-tokenize"] == [] and deps["t-pretrain"] == ["--dependency=afterok:1"]
+    assert deps["t-push"] == ["--dependency=afterok:4"]
+
+
+def test_a_controller_that_does_not_answer_is_an_error_not_a_finished_job(monkeypatch):
+    answers = iter([subprocess.CompletedProcess([], 1, stdout="", stderr="slurm_load_jobs error: Invalid job id "
+                                                "specified"),
+                    subprocess.CompletedProcess([], 1, stdout="", stderr="Unable to contact slurm controller")])
+    monkeypatch.setattr(slurm.subprocess, "run", lambda *a, **k: next(answers))
+    assert slurm.job_states(["7"]) == {}  # purged: gone
+    with pytest.raises(slurm.SlurmError, match="Unable to contact"):
+        slurm.job_states(["8"])
 
 
 def test_moving_a_changed_stage_aside_keeps_its_output(project):
