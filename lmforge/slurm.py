@@ -17,8 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lmforge.completion import read_json
 from lmforge.config.pipeline import TRAINING_KINDS
-from lmforge.pipeline import Pipeline, Step, cwd_relative, parse, plan_lines, read_json
+from lmforge.pipeline import Pipeline, Step, cwd_relative, parse, plan_lines
 
 PROG = "lmforge submit"
 ROOT = Path(__file__).resolve().parents[1]

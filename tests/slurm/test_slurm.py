@@ -222,7 +222,7 @@ def test_an_array_tokenization_equals_the_one_node_output(slurm, tmp_path):
 
 def test_a_time_limit_saves_and_requeues_and_without_requeue_never_satisfies_afterok(slurm, tmp_path, tiny_data):
     """A 2-minute job told to save 45 s before its limit (--signal=B:USR1@45; slurmctld checks every 30 s, so it
-    comes 45-75 s in, after start-up) whose 60 steps with a 1 s save each cannot finish in time: it saves, requeues, and, released
+    comes 45-75 s in, after start-up) whose 60 steps with a 1.5 s save each cannot finish by then: it saves, requeues, and, released
     with a longer limit, resumes and finishes with the uninterrupted run's weights. The same stop in a job submitted
     with --no-requeue ends FAILED (exit 75), not COMPLETED: the export waiting on it is cancelled rather than run on
     a half-trained model."""
@@ -234,7 +234,7 @@ def test_a_time_limit_saves_and_requeues_and_without_requeue_never_satisfies_aft
     limited, once = tmp_path / "limited", tmp_path / "once"
     cfg = pretrain_config(limited / "pretrain.yaml", tiny_data, limited / "run", train=train)
     sub = lmforge(slurm, "submit", str(pipeline(limited, stages(cfg, {"time": "2", "signal_lead": 45}))),
-                  env={"LMFORGE_FAULT": "save-slow:1+:0", "LMFORGE_FAULT_SECONDS": "1"})
+                  env={"LMFORGE_FAULT": "save-slow:1+:0", "LMFORGE_FAULT_SECONDS": "1.5"})
     assert sub.returncode == 0, sub.stderr
     ids = jobs(limited)
 
@@ -256,9 +256,8 @@ def test_a_time_limit_saves_and_requeues_and_without_requeue_never_satisfies_aft
 
     deadline = time.time() + 400
     while not ended(export := slurm.job(ids["export"])):
-        pre = slurm.job(ids["pretrain"])
-        assert time.time() < deadline and pre["JobState"] not in ("FAILED", "TIMEOUT", "CANCELLED"), \
-            Path(pre["StdOut"]).read_text()[-3000:]
+        pre = slurm.job(ids["pretrain"])  # (a requeue passes through CANCELLED: the export's end decides)
+        assert time.time() < deadline, Path(pre["StdOut"]).read_text()[-3000:]
         if pre["JobState"] == "PENDING" and pre["Reason"] == "BeginTime":  # requeued: released, with time to finish
             slurm.run("scontrol", "update", f"JobId={ids['pretrain']}", "TimeLimit=10", "StartTime=now")
         time.sleep(1)
