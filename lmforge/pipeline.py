@@ -348,12 +348,15 @@ def run(pipeline: Pipeline, dry_run: bool = False) -> int:
 
 def status_lines(pipeline: Pipeline) -> list[str]:
     record = pipeline.record()
-    jobs = {name: e["job_id"] for name, e in record.items() if e.get("mode") == "slurm" and e.get("job_id")}
-    states = {}
+    jobs = {name: e.get("jobs") or [e["job_id"]] for name, e in record.items()
+            if e.get("mode") == "slurm" and e.get("job_id")}
+    states: dict[str, dict | None] = {}
     if jobs and any(s.runs for s in pipeline.steps):
-        from lmforge import slurm
+        from lmforge import slurm  # it imports this module
 
-        states = slurm.job_states(list(jobs.values()))
+        states = slurm.job_states([j for ids in jobs.values() for j in ids])
+        for job in {j for ids in jobs.values() for j in ids} - set(states):  # purged by the controller: ask sacct
+            states[job] = slurm.accounted(job)
     width = max(len(s.name) for s in pipeline.steps) + 2
     lines = []
     for step in pipeline.steps:
@@ -361,7 +364,7 @@ def status_lines(pipeline: Pipeline) -> list[str]:
         if not step.runs:
             status, detail = "done", step.why
         elif step.name in jobs:
-            status, detail = slurm_status(jobs[step.name], states.get(jobs[step.name]), entry)
+            status, detail = slurm.stage_status(jobs[step.name], states, entry)
         elif entry.get("mode") == "local" and "exit" not in entry and alive(entry):
             status, detail = "running", f"`lmforge run` pid {entry['pid']} on {entry['host']}; log: {entry['log']}"
         elif entry.get("mode") == "local" and entry.get("exit"):
@@ -383,25 +386,6 @@ def alive(entry: dict) -> bool:
     except (OSError, KeyError, ValueError):
         return False
     return True
-
-
-def slurm_status(job: str, info: dict | None, entry: dict) -> tuple[str, str]:
-    log = entry.get("log", "?")
-    if info is None:
-        return "unknown", f"job {job} is no longer known to Slurm and the stage is not done; log: {log}"
-    state, reason = info.get("JobState", "?"), info.get("Reason", "None")
-    if state == "PENDING" and reason.startswith("Dependency"):
-        return "waiting", f"job {job} waits for its upstream jobs"
-    if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED"):
-        held = "; requeued after a save" if int(info.get("Restarts", 0) or 0) else ""
-        return "waiting", f"job {job} {state.lower()} ({reason}){held}"
-    if state in ("RUNNING", "COMPLETING"):
-        return "running", f"job {job} on {info.get('NodeList', '?')}; log: {log}"
-    if state == "COMPLETED":
-        return "failed", f"job {job} completed but the stage's output is not complete; log: {log}"
-    why = "" if reason in ("None", "") else f", {reason}"
-    return ("cancelled" if state == "CANCELLED" else "failed",
-            f"job {job} {state} (exit {info.get('ExitCode', '?')}{why}); log: {log}")
 
 
 # --------------------------------------------------------------------------------------------------

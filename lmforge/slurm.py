@@ -53,13 +53,66 @@ def job_states(ids: list[str]) -> dict[str, dict]:
             continue
         if proc.returncode != 0 or not proc.stdout.strip():
             raise SlurmError(f"scontrol show job {job}: {proc.stderr.strip() or 'no answer'}")
-        fields = {}
-        for token in proc.stdout.split("\n")[0].split():
-            key, sep, value = token.partition("=")
-            if sep and key not in fields:
-                fields[key] = value
-        out[str(job)] = fields
+        tasks = [fields(line) for line in proc.stdout.splitlines() if line.strip()]
+        out[str(job)] = {**tasks[0], "tasks": tasks}  # an array job answers one line per task
     return out
+
+
+def fields(line: str) -> dict[str, str]:
+    """One line of `scontrol show job -o` as Key=Value fields (the first of a repeated key wins)."""
+    out: dict[str, str] = {}
+    for token in line.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in out:
+            out[key] = value
+    return out
+
+
+def accounted(job: str) -> dict | None:
+    """How a job Slurm's controller has forgotten (MinJobAge, 300 s by default) ended, from the accounting database
+    (`sacct`); None where there is no accounting or it does not know the job either."""
+    try:
+        proc = subprocess.run(["sacct", "-X", "-n", "-P", "-j", str(job), "-o", "JobID,State,ExitCode"],
+                              capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    tasks = []
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        parts = line.split("|")
+        if len(parts) == 3:
+            tasks.append({"JobId": parts[0], "JobState": parts[1].split()[0], "ExitCode": parts[2], "Reason": "None"})
+    return {**tasks[0], "tasks": tasks, "accounted": "yes"} if tasks else None
+
+
+def stage_status(ids: list[str], states: dict[str, dict | None], entry: dict) -> tuple[str, str]:
+    """Where a stage run as Slurm jobs stands (an array tokenization is three jobs, one of them an array), told by
+    the job that explains it: the first that failed, else one cancelled for its dependency, else the first still
+    queued or running; a stage whose jobs all completed without its output being complete has failed."""
+    tasks = []
+    for job in ids:
+        info = states.get(job)
+        if info is None:
+            return "unknown", (f"job {job} is no longer known to Slurm (nor to sacct) and the stage is not done; "
+                               f"log: {entry.get('log', '?')}")
+        for t in info["tasks"]:
+            name = f"{t['ArrayJobId']}_{t['ArrayTaskId']}" if t.get("ArrayTaskId") else t.get("JobId", job)
+            tasks.append((name, t, t.get("StdOut") or entry.get("log", "?")))
+    dependency = lambda t: t.get("Reason", "").startswith("Dependency")  # noqa: E731
+    broken = [x for x in tasks if x[1]["JobState"] not in (*LIVE, "COMPLETED")]
+    for name, t, log in sorted(broken, key=lambda x: dependency(x[1])):  # a real failure before what it cancelled
+        why = "" if t.get("Reason", "None") in ("None", "") else f", {t['Reason']}"
+        return ("cancelled" if t["JobState"] == "CANCELLED" else "failed",
+                f"job {name} {t['JobState']} (exit {t.get('ExitCode', '?')}{why}); log: {log}")
+    for name, t, log in tasks:
+        state, reason = t["JobState"], t.get("Reason", "None")
+        if state == "PENDING" and dependency(t):
+            return "waiting", f"job {name} waits for its upstream jobs"
+        if state in ("RUNNING", "COMPLETING"):
+            return "running", f"job {name} on {t.get('NodeList', '?')}; log: {log}"
+        if state in LIVE:
+            held = "; requeued after a save" if int(t.get("Restarts", 0) or 0) else ""
+            return "waiting", f"job {name} {state.lower()} ({reason}){held}"
+    return "failed", f"job {tasks[-1][0]} completed but the stage's output is not complete; log: {tasks[-1][2]}"
 
 
 def signal_lead(pipeline: Pipeline, step: Step) -> int:
@@ -104,11 +157,12 @@ def sbatch_lines(pipeline: Pipeline, step: Step, after: list[str]) -> list[tuple
     if r.gpus_per_node:
         common.insert(0, f"--gpus-per-node={r.gpus_per_node}")
 
-    def line(label: str, template: str, args: list[str], options: list[str], env: dict, wait_for: list[str]):
+    def line(label: str, template: str, args: list[str], options: list[str], env: dict, wait_for: list[str],
+             log: str = "%x-%j.out"):  # an array's tasks: %x-%A_%a.out, the array's id and the task's index
         name = f"{pipeline.cfg.name}-{step.name}" + (f"-{label}" if label else "")
         deps = [f"--dependency=afterok:{':'.join(wait_for)}", "--kill-on-invalid-dep=yes"] if wait_for else []
         return label, {**exports, **env}, ["sbatch", "--parsable", f"--job-name={name}",
-                                           f"--output={pipeline.work_dir / 'logs' / '%x-%j.out'}", *options,
+                                           f"--output={pipeline.work_dir / 'logs' / log}", *options,
                                            *common, *deps, *r.sbatch, str(cwd_relative(TEMPLATES / template)), *args]
 
     if step.kind in TRAINING_KINDS:
@@ -130,7 +184,7 @@ def sbatch_lines(pipeline: Pipeline, step: Step, after: list[str]) -> list[tuple
             return [line("", "tokenize.sbatch", args, [], {}, after)]
         return [line("tokenizer", "tokenize.sbatch", [*args, "--tokenizer-only"], [], {}, after),
                 line("encode", "tokenize.sbatch", args, [f"--array=0-{r.array - 1}"],
-                     {"LMFORGE_ARRAY_PARTS": str(r.array)}, ["$PREVIOUS"]),
+                     {"LMFORGE_ARRAY_PARTS": str(r.array)}, ["$PREVIOUS"], log="%x-%A_%a.out"),
                 line("", "tokenize.sbatch", args, [], {}, ["$PREVIOUS"])]
     return [line("", "cpu.sbatch", pipeline.command(step)[3:], [], {}, after)]  # `lmforge export|push ...`
 

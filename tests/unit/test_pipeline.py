@@ -67,6 +67,14 @@ def finish(step: pl.Step, digest: str | None = None) -> None:
         write_json(out / "lineage.json", src)
 
 
+def finished_chain(tmp: Path) -> Path:
+    """The chain with every stage's completion record written, in order (each from its upstream's output)."""
+    path = chain(tmp)
+    for i in range(4):
+        finish(pl.load(path).steps[i])
+    return path
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
@@ -130,11 +138,7 @@ def test_finished_stages_are_skipped_and_a_changed_one_reruns_with_everything_do
 
 
 def test_what_only_changes_how_a_run_is_watched_reruns_nothing_and_a_longer_run_trains_on(project):
-    path = chain(project)
-    p = pl.load(path)
-    for step in p.steps:
-        finish(step)
-        p = pl.load(path)
+    finished_chain(project)
     base = ["data.path=${tokenize.out_dir}", f"run_dir={project}/runs/pretrain"]
     cosmetic = ["tracking.tags=[a]", "train.log_every=1", "train.save_every=7", "engine.collective_timeout=60"]
     assert [s.state for s in pl.load(chain(project, pretrain={"overrides": base + cosmetic})).steps] == ["done"] * 4
@@ -147,11 +151,7 @@ def test_what_only_changes_how_a_run_is_watched_reruns_nothing_and_a_longer_run_
 
 
 def test_deleted_token_shards_do_not_retrain_the_model_made_from_them(project):
-    path = chain(project)
-    p = pl.load(path)
-    for step in p.steps:
-        finish(step)
-        p = pl.load(path)
+    path = finished_chain(project)
     shutil.rmtree(project / "runs" / "data")
     p = pl.load(path)
     assert [s.state for s in p.steps] == ["done"] * 4
@@ -218,6 +218,48 @@ def test_a_stopped_run_resumes_and_a_missing_report_is_not_done(project):
     p = pl.load(path)
     assert [s.state for s in p.steps[:2]] == ["partial", "partial"]
     assert "resumes" in p.steps[1].why
+
+
+def scontrol_line(job: str, state: str, reason: str = "None", **more: str) -> str:
+    extra = " ".join(f"{k}={v}" for k, v in more.items())
+    return f"JobId={job} JobName=t JobState={state} Reason={reason} ExitCode=1:0 StdOut=/logs/{job}.out {extra}"
+
+
+def test_status_of_an_array_stage_names_the_failed_task_and_asks_sacct_about_purged_jobs(monkeypatch, tmp_path):
+    """An array tokenization is three jobs; when one array task fails the final job is cancelled for its dependency,
+    and status must name the task that failed and its log, not the cancellation. A job the controller purged
+    (MinJobAge) is looked up in the accounting database."""
+    array = "\n".join([scontrol_line("11", "COMPLETED", ArrayJobId="11", ArrayTaskId="0"),
+                       scontrol_line("12", "FAILED", "NonZeroExitCode", ArrayJobId="11", ArrayTaskId="1"),
+                       scontrol_line("13", "COMPLETED", ArrayJobId="11", ArrayTaskId="2")])
+    answers = {"10": scontrol_line("10", "COMPLETED"), "11": array,
+               "14": scontrol_line("14", "CANCELLED", "DependencyNeverSatisfied")}
+    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(
+        cmd, 0 if cmd[-1] in answers else 1, stdout=answers.get(cmd[-1], ""),
+        stderr="" if cmd[-1] in answers else "Invalid job id specified"))
+    states = slurm.job_states(["10", "11", "14"])
+    assert len(states["11"]["tasks"]) == 3
+    assert slurm.stage_status(["10", "11", "14"], states, {"log": "/logs/final.out"}) == (
+        "failed", "job 11_1 FAILED (exit 1:0, NonZeroExitCode); log: /logs/12.out")
+    answers["11"] = array.replace("FAILED", "RUNNING")
+    states = slurm.job_states(["10", "11", "14"])
+    states["14"]["tasks"][0].update(JobState="PENDING", Reason="Dependency")
+    assert slurm.stage_status(["10", "11", "14"], states, {})[0] == "running"
+    assert slurm.stage_status(["14"], states, {}) == ("waiting", "job 14 waits for its upstream jobs")
+
+    # sacct, as `sacct -X -n -P -o JobID,State,ExitCode` prints it, on PATH in place of the real one
+    fake = tmp_path / "bin" / "sacct"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho '21|CANCELLED by 1000|0:15'\n")
+    fake.chmod(0o755)
+    monkeypatch.undo()
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    states = {"21": slurm.accounted("21"), "22": None}
+    assert slurm.stage_status(["21"], states, {"log": "/logs/21.out"}) == (
+        "cancelled", "job 21 CANCELLED (exit 0:15); log: /logs/21.out")
+    assert slurm.stage_status(["22"], states, {"log": "/l"})[0] == "unknown"
+    fake.write_text("#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2; exit 1\n")
+    assert slurm.accounted("21") is None
 
 
 def test_local_commands_and_pipeline_record(project):
