@@ -38,6 +38,7 @@ from lmforge.data.sources import (
     hash_fraction,
     open_source,
     read_all,
+    sample_fraction,
 )
 from lmforge.throughput import peak_rss
 from lmforge.tokenizer import (
@@ -117,7 +118,13 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     if part is None:  # array tasks share the folder: another task's files being written are not leftovers
         atomic.remove_leftovers(out)  # half-written files of a crashed run
     save_config(cfg, out / "config.yaml")
-    atomic.write_json(state, {"config_digest": digest})
+    listing = input_listing(readers)
+    if state.exists():  # a resume: say whether the input moved under the partial run, and what that means
+        change = listing_change(read_json(state).get("inputs"), listing)
+        if change:
+            print(f"[tokenize] the input changed since the partial run in {out} ({change}): chunks whose "
+                  "documents, split or tokenizer differ are encoded again, the rest are kept", file=sys.stderr)
+    atomic.write_json(state, {"config_digest": digest, "inputs": listing})
     for reader in readers:
         print(f"[tokenize] source: {reader.describe()}")
 
@@ -162,6 +169,8 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     if eos_id is None:
         raise TokenizerError(f"EOS token {eos_token!r} is not in the tokenizer's vocabulary; set tokenizer.eos_token")
     dtype = token_dtype(vocab_size)
+    # what a finished chunk's shards depend on besides its documents: reused only when all of it matches
+    binding = {"tokenizer_hash": folder_hash(tok_dir), "val_cut": val_cut}
 
     # -- encoder check: the fast path must give identical ids on real documents ----------------
     probe, probe_bytes = [], 0
@@ -183,7 +192,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     bar = tqdm(total=sum(totals) if None not in totals else None, unit="B", unit_scale=True, desc="tokenize",
                disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
     records: dict[int, dict] = {}
-    fingerprint = hashlib.sha256()
+    fingerprint = hashlib.sha256(json.dumps(binding, sort_keys=True).encode())  # the data, its split, its ids
     docs = nbytes = tokens = resumed = peak_worker = 0
 
     def collect(chunk_bytes: int, record: dict) -> None:
@@ -208,7 +217,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
                 if part is not None and chunk.index % part[1] != part[0]:
                     bar.update(chunk.nbytes)  # another array task's chunk: read past (the bar shows the reading)
                     continue
-                done = finished_record(out, chunk, dtype)
+                done = finished_record(out, chunk, dtype, binding)
                 if done is not None:
                     resumed += 1
                     collect(chunk.nbytes, done)
@@ -217,7 +226,8 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in finished:
                         collect(pending.pop(future), future.result())
-                pending[pool.submit(encode_chunk, chunk.index, chunk.docs, chunk.val, chunk.digest)] = chunk.nbytes
+                pending[pool.submit(encode_chunk, chunk.index, chunk.docs, chunk.val, chunk.digest, binding)] = \
+                    chunk.nbytes
             for future in list(pending):
                 collect(pending.pop(future), future.result())
         except BaseException:
@@ -244,6 +254,10 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         shards = [records[i][split] for i in range(count) if records[i][split]]
         splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards),
                          "shards": shards}
+        kept = {Path(s["file"]).stem for s in shards}
+        for orphan in sorted((out / split).glob("[0-9]*.*")):  # shards of an earlier, longer or other-split run
+            if orphan.stem not in kept and orphan.suffix in (".bin", ".idx"):
+                orphan.unlink()
     meta = {
         "format": FORMAT,
         "dtype": dtype.name,
@@ -288,32 +302,55 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
 
 
 def prepass(cfg: TokenizeConfig, readers, need_sample: bool) -> tuple[list[str], float]:
-    """Stream once: the tokenizer's training sample (the documents with the smallest hashes, up to
-    `sample_bytes`: uniform, order-free, deterministic) and the hash cut that holds out `val_docs`."""
+    """Stream once: the tokenizer's training sample, and the hash cut that holds out `val_docs`.
+
+    The sample is train documents only, taken in the order of a second hash independent of the split's
+    (`sample_fraction`) until `sample_bytes`: uniform, order-free, deterministic, and never fitted to the validation
+    text (with `val_docs` the cut is known only at the end, so the held-out documents leave the sample then, and
+    it comes out smaller by the held-out share). The cap is a real cap: a document counts with at most its first
+    1% of `sample_bytes` (a tenth, up to 1 MiB, for small caps), so one huge document can neither fill the sample
+    nor push it past the cap."""
     cap = cfg.tokenizer.train.sample_bytes if need_sample else 0
-    sample_heap: list[tuple[float, int, int, str]] = []  # (-hash, order, bytes, text): max-heap on hash
-    sample_bytes = 0
-    val_heap: list[float] = []  # -hash of the val_docs smallest hashes: a max-heap
+    per_doc = max(cap // 100, min(cap // 10, 2**20))
+    heap: list[tuple[float, int, float, int, str]] = []  # (-sample key, order, split position, bytes, text)
+    total = 0
+    limit = 1.0  # the smallest sample key dropped so far: nothing above it joins, so the sample stays a hash prefix
+    val_heap: list[float] = []  # -position of the val_docs smallest positions: a max-heap
     want_val = cfg.split.val_docs or 0
     bar = tqdm(desc="pre-pass", unit=" docs", disable=not cfg.progress, dynamic_ncols=True)
+    count = 0
     for i, text in enumerate(read_all(readers, Policy(cfg.utf8_errors, cfg.bad_records))):
+        bar.update()
+        count += 1
         data = text.encode("utf-8")
-        pos = hash_fraction(doc_hash(data))
+        digest = doc_hash(data)
+        pos = hash_fraction(digest)
         if want_val:
             if len(val_heap) < want_val:
                 heapq.heappush(val_heap, -pos)
             elif pos < -val_heap[0]:
                 heapq.heapreplace(val_heap, -pos)
-        if cap and (sample_bytes < cap or pos < -sample_heap[0][0]):
-            heapq.heappush(sample_heap, (-pos, i, len(data), text))
-            sample_bytes += len(data)
-            while sample_bytes - sample_heap[0][2] >= cap:  # drop the largest hashes while still >= cap
-                sample_bytes -= heapq.heappop(sample_heap)[2]
-        bar.update()
+        elif pos < cfg.split.val_fraction:
+            continue  # a validation document: never in the sample
+        key = sample_fraction(digest)
+        if not cap or key >= limit:
+            continue
+        if len(data) > per_doc:
+            text = data[:per_doc].decode("utf-8", errors="ignore")  # cut at a character boundary
+            data = text.encode("utf-8")
+        heapq.heappush(heap, (-key, i, pos, len(data), text))
+        total += len(data)
+        while total > cap:
+            dropped = heapq.heappop(heap)
+            total -= dropped[3]
+            limit = -dropped[0]
     bar.close()
-    sample = [text for _, _, _, text in sorted(sample_heap, key=lambda e: e[1])]  # back in corpus order
-    val_cut = -val_heap[0] if val_heap else 0.0
-    return sample, np.nextafter(val_cut, 1.0) if want_val else val_cut
+    if want_val >= count > 0:
+        raise DataError(f"split.val_docs is {want_val:,} but the sources hold {count:,} documents: nothing would be "
+                        "left to train on; hold out fewer (or use split.val_fraction)")
+    val_cut = float(np.nextafter(-val_heap[0], 1.0)) if want_val else cfg.split.val_fraction
+    sample = [text for _, _, pos, _, text in sorted(heap, key=lambda e: e[1]) if pos >= val_cut]  # corpus order
+    return sample, val_cut
 
 
 def chunked(texts, shard_bytes: int, val_cut: float):
@@ -334,13 +371,14 @@ def chunked(texts, shard_bytes: int, val_cut: float):
         yield chunk
 
 
-def finished_record(out: Path, chunk: Chunk, dtype: np.dtype) -> dict | None:
-    """The completion record of a chunk a previous run finished, if it matches this data exactly."""
+def finished_record(out: Path, chunk: Chunk, dtype: np.dtype, binding: dict) -> dict | None:
+    """The completion record of a chunk a previous run finished, if it holds exactly these documents, split by
+    the same cut and encoded by the same tokenizer (an input that changed moves `split.val_docs`' cut)."""
     path = out / "chunks" / f"{chunk.index:06d}.json"
     if not path.exists():
         return None
     record = read_json(path)
-    if record.get("digest") != chunk.digest:
+    if record.get("digest") != chunk.digest or any(record.get(k) != v for k, v in binding.items()):
         return None
     for split in SPLITS:
         shard = record.get(split)
@@ -348,6 +386,25 @@ def finished_record(out: Path, chunk: Chunk, dtype: np.dtype) -> dict | None:
                       or (out / shard["file"]).stat().st_size != shard["tokens"] * dtype.itemsize):
             return None
     return record
+
+
+def input_listing(readers) -> dict[str, list[int]]:
+    """Every input file with its size and modification time (ns): how a resume sees that the input changed."""
+    out = {}
+    for reader in readers:
+        for path in reader.files() if hasattr(reader, "files") else []:
+            st = path.stat()
+            out[str(path)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def listing_change(before: dict | None, now: dict) -> str:
+    """'3 files added, 1 changed, 2 removed', or '' when the listing is the same (or was not recorded)."""
+    if before is None:
+        return ""
+    counts = {"added": len(now.keys() - before.keys()), "removed": len(before.keys() - now.keys()),
+              "changed": sum(1 for k in now.keys() & before.keys() if list(before[k]) != list(now[k]))}
+    return ", ".join(f"{n:,} file{'s' * (n != 1)} {what}" for what, n in counts.items() if n)
 
 
 def read_json(path: Path) -> dict:
@@ -364,11 +421,11 @@ def _init_worker(tokenizer_json: str, fast: bool, eos_id: int, dtype: str, vocab
                    vocab=vocab_size, out=Path(out))
 
 
-def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str) -> dict:
+def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str, binding: dict) -> dict:
     """Encode one chunk, write its train and val shards, then its completion record (in that order)."""
     w = _WORKER
     encoded = w["encoder"].encode_many(docs)
-    record = {"index": index, "digest": digest}
+    record = {"index": index, "digest": digest, **binding}
     for split, want in (("train", False), ("val", True)):
         pieces = [ids for ids, is_val in zip(encoded, val, strict=True) if is_val == want]
         if not pieces:

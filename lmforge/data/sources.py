@@ -40,6 +40,12 @@ def hash_fraction(digest: bytes) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def sample_fraction(digest: bytes) -> float:
+    """A second position in [0, 1), from the other half of the hash: independent of `hash_fraction`, so the
+    tokenizer's training sample (the smallest of these) is not the validation split (the smallest of those)."""
+    return int.from_bytes(digest[8:16], "big") / 2**64
+
+
 class DataError(Exception):
     """Bad input that stops the run; the message names the file (line, byte offset) and what to do."""
 

@@ -262,3 +262,52 @@ def test_array_parts_then_a_plain_run_are_byte_identical_to_one_run(tmp_path, to
     with pytest.raises(SystemExit):
         tokenize.main([*parts, "--part", "3/3"])
     assert "expected I/N with 0 <= I < N" in capsys.readouterr().err
+
+
+def test_the_tokenizer_sample_is_train_text_under_a_real_cap(tmp_path):
+    """The BPE sample and the validation split used to take the same smallest-hash documents: the tokenizer was
+    fitted to validation text first. The sample now comes from an independent hash, train documents only, and a
+    huge document can neither fill it nor push it past `sample_bytes`."""
+    from lmforge.config.tokenize import TokenizeConfig
+    from lmforge.data.sources import open_source
+
+    texts = sample_texts(400)
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts] + [{"text": "z" * 300_000}])
+    for split in ({"val_fraction": 0.3}, {"val_docs": 120}):
+        cfg = TokenizeConfig(out_dir=tmp_path / "o", sources=[{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}],
+                             tokenizer={"train": {"vocab_size": 300, "sample_bytes": 20_000}}, split=split)
+        sample, cut = tokenize.prepass(cfg, [open_source(s) for s in cfg.sources], need_sample=True)
+        val = {t for t in texts if hash_fraction(doc_hash(t.encode())) < cut}
+        assert len(val) == (120 if "val_docs" in split else len(val)) and len(val) > 60
+        assert sample and not val & set(sample)  # no validation document in the tokenizer's sample
+        held_out = len(val) / 400 if "val_docs" in split else 0.0  # the cut comes at the end: they leave then
+        assert 0.9 * (1 - held_out) * 20_000 < sum(len(t.encode()) for t in sample) <= 20_000  # filled, capped
+        assert max(len(t) for t in sample) <= 2_000  # a tenth of a small cap: the huge document is cut
+
+
+def test_val_docs_that_hold_out_the_whole_corpus_is_an_error(tmp_path, tokenize_config, capsys):
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in sample_texts(20)])
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}], split={"val_docs": 20})
+    assert tokenize.main([str(cfg)]) == 1
+    assert "split.val_docs is 20 but the sources hold 20 documents" in capsys.readouterr().err
+
+
+def test_a_resume_after_the_input_changed_redoes_what_is_stale_and_leaves_no_orphans(tmp_path, tokenize_config,
+                                                                                    capsys):
+    """With `split.val_docs` a changed input moves the val cut: chunks finished under the old cut must not be
+    reused (they were, and the output mixed two splits). A shorter input leaves no shards of the longer run."""
+    texts = sample_texts(200)
+    for i in range(4):
+        write_jsonl(tmp_path / "in" / f"{i}.jsonl", [{"text": t} for t in texts[50 * i:50 * i + 50]])
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "in")]}], split={"val_docs": 15})
+    assert tokenize.main([str(cfg)]) == 0
+    (tmp_path / "out" / "meta.json").unlink()  # as if the run had stopped before its end...
+    (tmp_path / "in" / "0.jsonl").unlink()  # ...and the input changed before the rerun (a shorter corpus)
+    write_jsonl(tmp_path / "in" / "4.jsonl", [{"text": t + " (new)"} for t in texts[:10]])
+    capsys.readouterr()
+    assert tokenize.main([str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert "the input changed since the partial run" in err and "1 file added" in err and "1 file removed" in err
+    assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'fresh'}"]) == 0
+    assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "fresh")
+    assert TokenShards(tmp_path / "out", "val").num_documents == 15
