@@ -174,7 +174,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
 
     # -- encoder check: the fast path must give identical ids on real documents ----------------
     probe, probe_bytes = [], 0
-    for text in read_all(readers, Policy("replace", "skip")):
+    for text in read_all(readers, Policy("replace", "skip", report=False)):
         probe.append(text)
         probe_bytes += len(text)
         if len(probe) >= VERIFY_DOCS or probe_bytes >= VERIFY_BYTES:
@@ -187,7 +187,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
 
     # -- encode: chunks of documents to worker processes, bounded in flight ---------------------
     workers = cfg.workers or len(os.sched_getaffinity(0))
-    policy = Policy(cfg.utf8_errors, cfg.bad_records)
+    policy = Policy(cfg.utf8_errors, cfg.bad_records, cfg.on_skipped_file)
     totals = [r.total_bytes() for r in readers]
     bar = tqdm(total=sum(totals) if None not in totals else None, unit="B", unit_scale=True, desc="tokenize",
                disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
@@ -268,6 +268,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         "sources": [r.describe() for r in readers],
         "bytes": nbytes,
         "skipped": dict(sorted(policy.skipped.items())),
+        "skipped_files": policy.skipped_files,
         "utf8_replaced_documents": policy.replaced_docs,
         "config_digest": digest,
         "config": cfg.model_dump(mode="json", exclude={"out_dir", "workers", "progress"}),
@@ -277,12 +278,18 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     # -- summary ----------------------------------------------------------------------------------
     for warning in policy.warnings[:20]:
         print(f"[tokenize] warning: {warning}", file=sys.stderr)
+    for path, why in list(policy.skipped_files.items())[:20]:
+        print(f"[tokenize] skipped file {path}: {why}", file=sys.stderr)
+    if len(policy.skipped_files) > 20:
+        print(f"[tokenize] ... {len(policy.skipped_files) - 20:,} more skipped files: see {out / 'summary.json'}",
+              file=sys.stderr)
     peak_main = peak_rss()
     summary = {
         "documents": docs, "tokens": tokens, "bytes": nbytes,
         "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
         "val_documents": splits["val"]["documents"], "shards": count, "shards_resumed": resumed,
-        "skipped": meta["skipped"], "utf8_replaced_documents": policy.replaced_docs,
+        "skipped": meta["skipped"], "skipped_files": policy.skipped_files,
+        "utf8_replaced_documents": policy.replaced_docs,
         "encoder": encoder.kind, "workers": workers,
         "encode_seconds": round(encode_seconds, 3), "total_seconds": round(time.time() - started, 3),
         "mb_per_s": round(nbytes / 1e6 / max(encode_seconds, 1e-9), 2),
@@ -319,7 +326,8 @@ def prepass(cfg: TokenizeConfig, readers, need_sample: bool) -> tuple[list[str],
     want_val = cfg.split.val_docs or 0
     bar = tqdm(desc="pre-pass", unit=" docs", disable=not cfg.progress, dynamic_ncols=True)
     count = 0
-    for i, text in enumerate(read_all(readers, Policy(cfg.utf8_errors, cfg.bad_records))):
+    policy = Policy(cfg.utf8_errors, cfg.bad_records, cfg.on_skipped_file, report=False)  # the encoding pass says it
+    for i, text in enumerate(read_all(readers, policy)):
         bar.update()
         count += 1
         data = text.encode("utf-8")

@@ -20,18 +20,20 @@ class StdlibSource(StrictModel):
 
 
 class FilesSource(StrictModel):
-    """Local files: .txt, .jsonl/.jsonl.gz, .csv, .parquet, by path or glob (`**` recurses)."""
+    """Local files: .txt, .jsonl, .json, .csv, .parquet, each also .gz/.bz2/.xz/.zst, by path, folder or glob."""
 
     type: Literal["files"] = "files"
     """Source kind."""
     paths: list[str] = Field(min_length=1)
-    """Files, folders or globs, relative to the working directory; a folder means every file below it."""
+    """Files, folders or globs (`**` recurses), relative to the working directory; a folder or glob means its data
+    files (hidden paths and README/LICENSE/_SUCCESS-style metadata left out)."""
     format: Literal["auto", "txt", "jsonl", "csv", "parquet"] = "auto"
-    """File format; `auto` goes by extension (.txt .jsonl .json .jsonl.gz .csv .parquet, else txt)."""
+    """File format; `auto` goes by extension (.txt .text .md, .jsonl .ndjson .json, .csv, .parquet); others are
+    skipped and reported. jsonl also reads a .json file holding one array of records."""
     text_field: str = "text"
     """Column or JSON key holding the document text (jsonl, csv, parquet)."""
-    txt_documents: Literal["file", "blank_line"] = "file"
-    """In .txt files, one document per file, or one per block separated by blank lines."""
+    txt_documents: Literal["file", "blank_line", "line"] = "file"
+    """In .txt files: one document per file, per block separated by blank lines, or per line."""
 
 
 class HFSource(StrictModel):
@@ -122,6 +124,9 @@ class TokenizeConfig(StrictModel):
     """Invalid UTF-8: replace bad bytes with U+FFFD (counted), or stop naming file and byte offset."""
     bad_records: Literal["error", "skip"] = "error"
     """A malformed JSON line or a record without a text field: stop naming file and line, or skip it (counted)."""
+    on_skipped_file: Literal["warn", "error"] = "warn"
+    """A file that cannot be read as data (binary, unknown extension, corrupt): skip it, said at once and listed
+    by path in summary.json and meta.json, or stop the run."""
     progress: bool = True
     """Show a progress bar."""
 

@@ -9,11 +9,7 @@ path or a missing column is an error at start-up, not after an hour.
 
 from __future__ import annotations
 
-import csv
-import glob
-import gzip
 import hashlib
-import json
 import os
 import re
 import sys
@@ -25,7 +21,6 @@ from pathlib import Path
 from lmforge.config.tokenize import FilesSource, HFSource, StdlibSource
 
 SURROGATES = re.compile("[\ud800-\udfff]")
-BINARY_SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB marks a file as binary (as git does)
 
 
 def doc_hash(data: bytes) -> bytes:
@@ -53,9 +48,12 @@ class DataError(Exception):
 class Policy:
     """What to do with bad input, and the counters that the summary reports."""
 
-    def __init__(self, utf8_errors: str = "replace", bad_records: str = "error"):
-        self.utf8_errors, self.bad_records = utf8_errors, bad_records
+    def __init__(self, utf8_errors: str = "replace", bad_records: str = "error", on_skipped_file: str = "warn",
+                 report: bool = True):
+        self.utf8_errors, self.bad_records, self.on_skipped_file = utf8_errors, bad_records, on_skipped_file
+        self.report = report  # say each skipped file as it happens (the pass that encodes; not the pre-passes)
         self.skipped: Counter[str] = Counter()  # reason -> documents (or files) skipped
+        self.skipped_files: dict[str, str] = {}  # path -> why it was skipped
         self.replaced_docs = 0  # documents in which invalid UTF-8 was replaced by U+FFFD
         self.warnings: list[str] = []
 
@@ -86,6 +84,16 @@ class Policy:
             raise DataError(f"{where}: {problem} (set bad_records: skip to skip such records and count them)")
         self.skipped[reason] += 1
 
+    def skip_file(self, path, reason: str, why: str) -> None:
+        """A file that cannot be read as data (binary, unknown extension, corrupt): reported now and in the
+        summary, or the end of the run under `on_skipped_file: error`."""
+        if self.on_skipped_file == "error":
+            raise DataError(f"{path}: {why} (set on_skipped_file: warn to skip such files, reported, and go on)")
+        self.skipped[reason] += 1
+        self.skipped_files[str(path)] = why
+        if self.report:
+            print(f"[data] skipped {path}: {why}", file=sys.stderr)
+
     def keep(self, text: str) -> bool:
         if text.strip():
             return True
@@ -111,183 +119,6 @@ class Reader:
 
 
 # --------------------------------------------------------------------------------------------------
-# Local files
-
-
-def _format_of(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    name = path.name.lower()
-    for suffix, kind in ((".jsonl.gz", "jsonl"), (".json.gz", "jsonl"), (".jsonl", "jsonl"), (".json", "jsonl"),
-                         (".csv", "csv"), (".parquet", "parquet")):
-        if name.endswith(suffix):
-            return kind
-    return "txt"
-
-
-def _lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
-    """(line number from 1, byte offset of the line, line bytes) of a plain or gzipped file."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    offset = 0
-    with opener(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            yield number, offset, line
-            offset += len(line)
-
-
-class FilesReader(Reader):
-    def __init__(self, spec: FilesSource):
-        self.spec = spec
-        self._files: list[Path] | None = None
-
-    def describe(self) -> str:
-        paths = self.spec.paths
-        more = f" and {len(paths) - 3:,} more" if len(paths) > 4 else ""
-        return f"files {', '.join(paths[:3] if more else paths)}{more}"
-
-    def files(self) -> list[Path]:
-        if self._files is None:
-            found: dict[Path, None] = {}
-            for pattern in self.spec.paths:
-                pattern = os.path.expanduser(pattern)
-                if glob.has_magic(pattern):
-                    matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
-                    if not matches:
-                        raise DataError(f"source '{pattern}': the pattern matches no files")
-                elif Path(pattern).is_dir():
-                    matches = sorted(p for p in Path(pattern).rglob("*") if p.is_file())
-                    if not matches:
-                        raise DataError(f"source '{pattern}': the folder holds no files")
-                elif Path(pattern).exists():
-                    matches = [Path(pattern)]
-                else:
-                    raise DataError(f"source '{pattern}': no such file or folder")
-                found.update(dict.fromkeys(matches))
-            self._files = list(found)
-        return self._files
-
-    def check(self) -> None:
-        for path in self.files():
-            if not os.access(path, os.R_OK):
-                raise DataError(f"{path}: file is not readable (permission denied)")
-            kind = _format_of(path, self.spec.format)
-            if kind == "csv":
-                with open(path, encoding="utf-8", errors="replace", newline="") as f:
-                    header = next(csv.reader(f), None)
-                if header is not None and self.spec.text_field not in header:
-                    raise DataError(f"{path}: no column '{self.spec.text_field}'; columns are {header} "
-                                    f"(set text_field to the column holding the text)")
-            elif kind == "parquet":
-                import pyarrow.parquet as pq
-
-                try:
-                    names = pq.ParquetFile(path).schema_arrow.names
-                except Exception as e:
-                    raise DataError(f"{path}: not a readable Parquet file: {e}") from None
-                if self.spec.text_field not in names:
-                    raise DataError(f"{path}: no column '{self.spec.text_field}'; columns are {names} "
-                                    f"(set text_field to the column holding the text)")
-
-    def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files())
-
-    def documents(self, policy: Policy) -> Iterator[str]:
-        for path in self.files():
-            kind = _format_of(path, self.spec.format)
-            try:
-                yield from getattr(self, f"_{kind}")(path, policy)
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
-                raise DataError(f"{path}: cannot read: {e}") from None
-
-    def _txt(self, path: Path, policy: Policy) -> Iterator[str]:
-        with open(path, "rb") as f:
-            head = f.read(BINARY_SNIFF_BYTES)
-        if b"\0" in head:
-            policy.skipped["binary_file"] += 1
-            policy.warnings.append(f"{path}: looks binary (NUL bytes), skipped")
-            return
-        if self.spec.txt_documents == "file":
-            text = policy.decode(path.read_bytes(), str(path))
-            if policy.keep(text):
-                yield text
-            return
-        block, start = [], 0
-        for _number, offset, line in _lines(path):
-            if line.strip():
-                if not block:
-                    start = offset
-                block.append(line)
-            elif block:
-                yield from self._block(block, path, start, policy)
-                block = []
-        if block:
-            yield from self._block(block, path, start, policy)
-
-    @staticmethod
-    def _block(lines: list[bytes], path: Path, start: int, policy: Policy) -> Iterator[str]:
-        text = policy.decode(b"".join(lines).rstrip(b"\r\n"), str(path), start)
-        if policy.keep(text):
-            yield text
-
-    def _jsonl(self, path: Path, policy: Policy) -> Iterator[str]:
-        field = self.spec.text_field
-        for number, offset, raw in _lines(path):
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            line = policy.decode(raw, where, offset)
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                policy.bad_record(where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed_json")
-                continue
-            if not isinstance(record, dict) or field not in record:
-                policy.bad_record(where, f"no '{field}' field (set text_field to the key holding the text)",
-                                  "missing_field")
-                continue
-            text = record[field]
-            if not isinstance(text, str):
-                policy.bad_record(where, f"'{field}' is {type(text).__name__}, not text", "not_text")
-                continue
-            text = policy.clean(text, where)
-            if policy.keep(text):
-                yield text
-
-    def _csv(self, path: Path, policy: Policy) -> Iterator[str]:
-        csv.field_size_limit(sys.maxsize)  # a document can be far longer than csv's 128 KiB default
-        lines = (policy.decode(raw, f"{path}:{number}", offset) for number, offset, raw in _lines(path))
-        reader = csv.reader(lines)
-        header = next(reader, None)
-        if header is None:
-            return
-        column = header.index(self.spec.text_field)
-        for row in reader:
-            if len(row) <= column:
-                policy.bad_record(f"{path}:{reader.line_num}", f"row has {len(row)} fields, no '{self.spec.text_field}'",
-                                  "missing_field")
-                continue
-            if policy.keep(row[column]):
-                yield row[column]
-
-    def _parquet(self, path: Path, policy: Policy) -> Iterator[str]:
-        import pyarrow.parquet as pq
-
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(columns=[self.spec.text_field], batch_size=1024):
-            for value in batch.column(0).to_pylist():
-                row += 1
-                where = f"{path}: row {row}"
-                if isinstance(value, bytes):
-                    value = policy.decode(value, where)
-                if not isinstance(value, str):
-                    policy.bad_record(where, f"'{self.spec.text_field}' is {type(value).__name__}, not text",
-                                      "not_text")
-                    continue
-                if policy.keep(value):
-                    yield value
-
-
-# --------------------------------------------------------------------------------------------------
 # The built-in corpus
 
 
@@ -303,23 +134,6 @@ def stdlib_files(exclude_tests: bool = False) -> list[Path]:
             continue
         out += [Path(folder) / n for n in names if n.endswith(".py")]
     return sorted(out)
-
-
-class StdlibReader(FilesReader):
-    def __init__(self, spec: StdlibSource):
-        super().__init__(FilesSource(paths=["<stdlib>"], format="txt"))
-        self.stdlib = spec
-
-    def describe(self) -> str:
-        return f"Python {sys.version.split()[0]} standard library ({sysconfig.get_paths()['stdlib']})"
-
-    def files(self) -> list[Path]:
-        if self._files is None:
-            self._files = stdlib_files(self.stdlib.exclude_tests)
-            if not self._files:
-                raise DataError(f"no .py files under {sysconfig.get_paths()['stdlib']}: "
-                                "this interpreter ships without its standard-library sources")
-        return self._files
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,6 +204,8 @@ class HFReader(Reader):
 
 
 def open_source(spec: StdlibSource | FilesSource | HFSource) -> Reader:
+    from lmforge.data.files import FilesReader, StdlibReader  # it builds on this module
+
     return {"stdlib": StdlibReader, "files": FilesReader, "hf": HFReader}[spec.type](spec)
 
 

@@ -190,7 +190,7 @@ def test_missing_text_field_and_empty_source_are_errors_before_output(tmp_path, 
     cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "nothing*.txt")]}],
                           out_dir=str(tmp_path / "o3"))
     assert tokenize.main([str(cfg)]) == 1
-    assert "matches no files" in capsys.readouterr().err
+    assert "matches no data files" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()  # checked before anything was written
 
 

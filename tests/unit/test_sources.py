@@ -109,22 +109,28 @@ def test_missing_field_and_malformed_json_error_or_skip(tmp_path):
         docs(files(path))
 
 
-def test_binary_file_is_skipped_with_a_warning(tmp_path):
+def test_binary_file_is_skipped_reported_at_once_and_listed_or_stops_the_run(tmp_path, capsys):
     (tmp_path / "img.txt").write_bytes(b"\x89PNG\x00\x00\x01binary")
     (tmp_path / "ok.txt").write_text("fine")
     policy = Policy()
     assert docs(files(tmp_path / "img.txt", tmp_path / "ok.txt"), policy) == ["fine"]
     assert policy.skipped == {"binary_file": 1}
-    assert "img.txt: looks binary" in policy.warnings[0]
+    assert policy.skipped_files == {str(tmp_path / "img.txt"): "looks binary (NUL bytes)"}
+    assert f"[data] skipped {tmp_path / 'img.txt'}: looks binary" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"img\.txt: looks binary .*on_skipped_file: warn"):
+        docs(files(tmp_path / "img.txt", tmp_path / "ok.txt"), Policy(on_skipped_file="error"))
 
 
 def test_unreadable_paths_fail_before_any_work(tmp_path):
     with pytest.raises(DataError, match=r"nope\.txt': no such file or folder"):
         open_source(files(tmp_path / "nope.txt")).check()
-    with pytest.raises(DataError, match=r"the pattern matches no files"):
+    with pytest.raises(DataError, match=r"the pattern matches no data files"):
         open_source(files(tmp_path / "*.jsonl")).check()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"the folder holds no files"):
+    with pytest.raises(DataError, match=r"the folder holds no data files"):
+        open_source(files(tmp_path / "empty")).check()
+    (tmp_path / "empty" / "README.md").write_text("# a dataset card")
+    with pytest.raises(DataError, match=r"the folder holds no data files \(1 hidden or metadata files left out\)"):
         open_source(files(tmp_path / "empty")).check()
     (tmp_path / "link.txt").symlink_to(tmp_path / "gone.txt")
     with pytest.raises(DataError, match=r"link\.txt': no such file"):
@@ -134,11 +140,95 @@ def test_unreadable_paths_fail_before_any_work(tmp_path):
         open_source(files(tmp_path / "x.parquet")).check()
 
 
-def test_truncated_gzip_names_the_file(tmp_path):
-    data = gzip.compress(b'{"text": "a"}\n' * 1000)
+def test_a_truncated_file_keeps_what_it_gave_and_is_reported(tmp_path):
+    data = gzip.compress(b"".join(b'{"text": "doc %d"}\n' % i for i in range(200_000)))
     (tmp_path / "t.jsonl.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "u.jsonl").write_text('{"text": "after"}\n')
+    policy = Policy()
+    got = docs(files(tmp_path / "t.jsonl.gz", tmp_path / "u.jsonl"), policy)
+    assert 1000 < len(got) < 200_000 and got[:2] == ["doc 0", "doc 1"] and got[-1] == "after"
+    assert policy.skipped_files[str(tmp_path / "t.jsonl.gz")].startswith("cannot read: Compressed file ended")
     with pytest.raises(DataError, match=r"t\.jsonl\.gz: cannot read"):
-        docs(files(tmp_path / "t.jsonl.gz"))
+        docs(files(tmp_path / "t.jsonl.gz"), Policy(on_skipped_file="error"))
+
+
+def test_a_folder_reads_data_not_metadata_and_equals_its_glob(tmp_path, capsys):
+    """A dataset folder as the Hub or Spark leave it: hidden folders, a card, a checksum, a success marker."""
+    data = tmp_path / "ds"
+    for name, text in {"data/train-0.jsonl": '{"text": "a"}\n', "data/train-1.jsonl": '{"text": "b"}\n',
+                       "README.md": "# card", ".gitattributes": "*.jsonl lfs", "_SUCCESS": "",
+                       ".git/config": "[core]", ".cache/huggingface/x.jsonl": '{"text": "cached"}\n',
+                       "data/.ipynb_checkpoints/train-0-checkpoint.jsonl": '{"text": "old"}\n',
+                       "data/.train-1.jsonl.crc": "crc", "data/part-0.crc": "crc"}.items():
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_text(text)
+    reader = open_source(files(data))
+    assert reader.files() == [data / "data" / "train-0.jsonl", data / "data" / "train-1.jsonl"]
+    assert docs(files(data)) == docs(files(data / "**" / "*")) == ["a", "b"]
+    assert "8 hidden or metadata files left out" in reader.describe()
+    hidden_root = tmp_path / ".cache" / "hub" / "ds"  # a hidden folder the user names is fine
+    (hidden_root).mkdir(parents=True)
+    (hidden_root / "a.jsonl").write_text('{"text": "x"}\n')
+    assert docs(files(hidden_root)) == docs(files(hidden_root / "*.jsonl")) == ["x"]
+
+
+def test_unknown_extensions_are_reported_not_read_as_text(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "notes.docx").write_bytes(b"PK zip")
+    policy = Policy()
+    assert docs(files(tmp_path), policy) == ["text"]
+    assert policy.skipped == {"unknown_extension": 2}
+    assert "unknown extension '.safetensors'" in policy.skipped_files[str(tmp_path / "model.safetensors")]
+    assert docs(files(tmp_path / "notes.docx", format="txt"), Policy()) == ["PK zip"]  # a format named: read as it
+
+
+def test_every_compression_for_every_format_and_json_arrays(tmp_path):
+    import bz2
+    import lzma
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    rows = [{"text": f"doc {i} \u00e9"} for i in range(3)]
+    plain = {"t.txt": "doc 0 \u00e9", "t.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+             "t.json": json.dumps(rows, indent=1), "t.csv": "id,text\n" + "".join(f"{i},{r['text']}\n" for i, r in
+                                                                              enumerate(rows))}
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+                ".zst": lambda b: zstandard.ZstdCompressor().compress(b)}
+    for name, text in plain.items():
+        expected = [rows[0]["text"]] if name.endswith(".txt") else [r["text"] for r in rows]
+        for suffix, fn in compress.items():
+            (tmp_path / (name + suffix)).write_bytes(fn(text.encode()))
+            assert docs(files(tmp_path / (name + suffix))) == expected, name + suffix
+    pq.write_table(pa.table({"text": [r["text"] for r in rows]}), tmp_path / "t.parquet")
+    assert docs(files(tmp_path / "t.parquet")) == [r["text"] for r in rows]
+    (tmp_path / "bad.json").write_text('[{"text": "a"}, {"text": ')
+    with pytest.raises(DataError, match=r"bad\.json:1: malformed JSON array"):
+        docs(files(tmp_path / "bad.json"))
+
+
+def test_byte_order_marks_decide_the_encoding_and_never_reach_the_text(tmp_path):
+    import codecs
+
+    text = "name,text\nx,h\u00e9llo \u4e16\u754c\n"
+    for enc, bom in (("utf-8", codecs.BOM_UTF8), ("utf-16-le", codecs.BOM_UTF16_LE),
+                     ("utf-16-be", codecs.BOM_UTF16_BE), ("utf-32-le", codecs.BOM_UTF32_LE),
+                     ("utf-32-be", codecs.BOM_UTF32_BE)):
+        (tmp_path / f"{enc}.csv").write_bytes(bom + text.encode(enc))  # the header's first column follows the BOM
+        assert docs(files(tmp_path / f"{enc}.csv")) == ["h\u00e9llo \u4e16\u754c"], enc
+        (tmp_path / f"{enc}.txt").write_bytes(bom + "h\u00e9llo".encode(enc))
+        assert docs(files(tmp_path / f"{enc}.txt")) == ["h\u00e9llo"], enc  # UTF-16's NUL bytes: not "binary"
+        (tmp_path / f"{enc}.jsonl").write_bytes(bom + '{"text": "h\u00e9llo"}\n'.encode(enc))
+        assert docs(files(tmp_path / f"{enc}.jsonl")) == ["h\u00e9llo"], enc
+    (tmp_path / "bom_header.csv").write_bytes(codecs.BOM_UTF8 + b"text,id\nfirst,1\n")  # the BOM once hid "text"
+    assert docs(files(tmp_path / "bom_header.csv")) == ["first"]
+
+
+def test_one_document_per_line_for_txt(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\ntwo\nthree")
+    assert docs(files(tmp_path / "a.txt", txt_documents="line")) == ["one", "two", "three"]
 
 
 def test_a_source_with_no_documents_is_an_error(tmp_path):

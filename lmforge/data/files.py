@@ -1,0 +1,324 @@
+"""Local files as a document source: which files a path, folder or glob means, how they open, how they parse.
+
+A folder (or glob) means its data files: hidden paths (`.git/`, `.cache/`, `.ipynb_checkpoints/`) and the
+metadata that dataset folders carry (README, LICENSE, `_SUCCESS`, `dataset_info.json`) are left out, so a folder
+downloaded from the Hub and the glob of its files read the same. A file named explicitly is always read.
+
+Every format opens through the same door: `.gz`, `.bz2`, `.xz` and `.zst` are decompressed as they stream, a
+UTF-8 byte-order mark is dropped and a UTF-16/UTF-32 one decides the decoding. With `format: auto` the extension
+decides (.txt .text .md, .jsonl .ndjson .json, .csv, .parquet, each also compressed); a file with another
+extension is skipped and reported, never read as text by guess.
+"""
+
+from __future__ import annotations
+
+import bz2
+import codecs
+import csv
+import glob
+import gzip
+import io
+import json
+import lzma
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import zstandard
+
+from lmforge.config.tokenize import FilesSource, StdlibSource
+from lmforge.data.sources import DataError, Policy, Reader, stdlib_files
+
+READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError)  # gzip's BadGzipFile is an OSError
+BINARY_SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB marks a file as binary (as git does)
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+FORMATS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+           ".csv": "csv", ".parquet": "parquet"}
+# names (compression suffix and case aside) that dataset folders carry beside their data
+NOT_DATA = {"readme", "readme.md", "readme.txt", "readme.rst", "license", "license.md", "license.txt", "copying",
+            "notice", "citation.cff", "_success", "dataset_info.json", "dataset_infos.json", "dataset_dict.json",
+            "state.json"}
+NOT_DATA_SUFFIXES = (".crc", ".lock")  # Spark/Hadoop checksums, download locks
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # UTF-32 LE starts like UTF-16 LE: first
+
+
+def compression(path: Path) -> str:
+    name = path.name.lower()
+    return next((c for c in COMPRESSED if name.endswith(c)), "")
+
+
+def format_of(path: Path, fmt: str) -> str | None:
+    """The format a file is read as; None for an unknown extension under `format: auto`."""
+    if fmt != "auto":
+        return fmt
+    return FORMATS.get(Path(path.name.lower().removesuffix(compression(path))).suffix)
+
+
+def glob_root(pattern: str) -> Path:
+    """The folder a glob searches from: its leading parts without wildcards (a hidden folder named there is fine)."""
+    parts = Path(pattern).parts
+    fixed = [p for p in parts[:next(i for i, p in enumerate(parts) if glob.has_magic(p))]]
+    return Path(*fixed) if fixed else Path(".")
+
+
+def is_data(path: Path, root: Path) -> bool:
+    """False for hidden paths below `root` and for the metadata files of dataset folders."""
+    if any(part.startswith(".") for part in path.relative_to(root).parts):
+        return False
+    name = path.name.lower().removesuffix(compression(path))
+    return name not in NOT_DATA and not name.endswith(NOT_DATA_SUFFIXES)
+
+
+def open_binary(path: Path):
+    """The file's bytes, decompressed as they are read."""
+    kind = compression(path)
+    if kind == ".zst":  # its reader has no line iteration of its own
+        return io.BufferedReader(zstandard.open(path, "rb"), buffer_size=1 << 20)
+    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(kind, open)(path, "rb")
+
+
+def byte_order_mark(path: Path) -> tuple[str | None, int]:
+    """(encoding, BOM length) from the first bytes: ('utf-16', 2), ('utf-8', 3), or (None, 0) for none."""
+    with open_binary(path) as f:
+        head = f.read(4)
+    return next(((enc, len(bom)) for bom, enc in BOMS if head.startswith(bom)), (None, 0))
+
+
+def lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(line number from 1, byte offset, line as UTF-8 bytes) of any file this module opens. Offsets count the
+    decompressed bytes (for UTF-16/32 files, the UTF-8 bytes they become)."""
+    encoding, skip = byte_order_mark(path)
+    with open_binary(path) as raw:
+        if encoding in (None, "utf-8"):
+            raw.read(skip)
+            offset = skip
+            for number, line in enumerate(raw, 1):
+                yield number, offset, line
+                offset += len(line)
+            return
+        offset = 0
+        text = io.TextIOWrapper(raw, encoding=encoding, newline="")  # the codec reads and drops the BOM
+        try:
+            for number, line in enumerate(text, 1):
+                data = line.encode("utf-8", errors="surrogatepass")
+                yield number, offset, data
+                offset += len(data)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: invalid {encoding.upper()} after its byte-order mark: {e.reason}") from None
+
+
+class FilesReader(Reader):
+    def __init__(self, spec: FilesSource):
+        self.spec = spec
+        self._files: list[Path] | None = None
+        self.left_out: list[Path] = []  # hidden and metadata files of folders and globs
+
+    def describe(self) -> str:
+        paths = self.spec.paths
+        more = f" and {len(paths) - 3:,} more" if len(paths) > 4 else ""
+        out = f"files {', '.join(paths[:3] if more else paths)}{more}"
+        if self._files is not None and self.left_out:
+            names = ", ".join(p.name for p in self.left_out[:4]) + (" ..." if len(self.left_out) > 4 else "")
+            out += f" ({len(self._files):,} files; {len(self.left_out):,} hidden or metadata files left out: {names})"
+        return out
+
+    def files(self) -> list[Path]:
+        if self._files is None:
+            found: dict[Path, None] = {}
+            for pattern in self.spec.paths:
+                pattern = os.path.expanduser(pattern)
+                if glob.has_magic(pattern):
+                    matches = self._data([Path(p) for p in glob.glob(pattern, recursive=True)], glob_root(pattern),
+                                         f"source '{pattern}': the pattern matches no data files")
+                elif Path(pattern).is_dir():
+                    matches = self._data(list(Path(pattern).rglob("*")), Path(pattern),
+                                         f"source '{pattern}': the folder holds no data files")
+                elif Path(pattern).exists():
+                    matches = [Path(pattern)]
+                else:
+                    raise DataError(f"source '{pattern}': no such file or folder")
+                found.update(dict.fromkeys(matches))
+            self._files = list(found)
+        return self._files
+
+    def _data(self, candidates: list[Path], root: Path, empty: str) -> list[Path]:
+        """The data files among a folder's or glob's matches, in one order (by path parts) for both."""
+        files, left = [], []
+        for p in candidates:
+            if p.is_file():
+                (files if is_data(p, root) else left).append(p)
+        if not files:
+            raise DataError(empty + (f" ({len(left)} hidden or metadata files left out)" if left else ""))
+        self.left_out += sorted(left)
+        return sorted(files)
+
+    def check(self) -> None:
+        for path in self.files():
+            if not os.access(path, os.R_OK):
+                raise DataError(f"{path}: file is not readable (permission denied)")
+            kind = format_of(path, self.spec.format)
+            if kind == "csv":
+                header = next(csv.reader(line.decode("utf-8", errors="replace") for _, _, line in lines(path)), None)
+                if header is not None and self.spec.text_field not in header:
+                    raise DataError(f"{path}: no column '{self.spec.text_field}'; columns are {header} "
+                                    f"(set text_field to the column holding the text)")
+            elif kind == "parquet":
+                import pyarrow.parquet as pq
+
+                try:
+                    names = pq.ParquetFile(path).schema_arrow.names
+                except Exception as e:
+                    raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+                if self.spec.text_field not in names:
+                    raise DataError(f"{path}: no column '{self.spec.text_field}'; columns are {names} "
+                                    f"(set text_field to the column holding the text)")
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+    def documents(self, policy: Policy) -> Iterator[str]:
+        for path in self.files():
+            kind = format_of(path, self.spec.format)
+            if kind is None:
+                policy.skip_file(path, "unknown_extension", f"unknown extension '{''.join(path.suffixes)}' "
+                                 "(name a format with `format:`, or leave the file out)")
+                continue
+            try:
+                yield from getattr(self, f"_{kind}")(path, policy)
+            except READ_ERRORS as e:  # a truncated or corrupt file: what it gave so far stays, the rest is skipped
+                policy.skip_file(path, "unreadable", f"cannot read: {e}")
+
+    def _txt(self, path: Path, policy: Policy) -> Iterator[str]:
+        encoding, _ = byte_order_mark(path)
+        if encoding is None:
+            with open_binary(path) as f:
+                if b"\0" in f.read(BINARY_SNIFF_BYTES):
+                    policy.skip_file(path, "binary_file", "looks binary (NUL bytes)")
+                    return
+        if self.spec.txt_documents == "file":
+            text = policy.decode(b"".join(line for _, _, line in lines(path)), str(path))
+            if policy.keep(text):
+                yield text
+            return
+        if self.spec.txt_documents == "line":
+            for number, offset, line in lines(path):
+                if line.strip():
+                    yield from self._block([line], path, offset, policy, f"{path}:{number}")
+            return
+        block, start = [], 0
+        for _number, offset, line in lines(path):
+            if line.strip():
+                if not block:
+                    start = offset
+                block.append(line)
+            elif block:
+                yield from self._block(block, path, start, policy)
+                block = []
+        if block:
+            yield from self._block(block, path, start, policy)
+
+    @staticmethod
+    def _block(parts: list[bytes], path: Path, start: int, policy: Policy, where: str = "") -> Iterator[str]:
+        text = policy.decode(b"".join(parts).rstrip(b"\r\n"), where or str(path), start)
+        if policy.keep(text):
+            yield text
+
+    def _jsonl(self, path: Path, policy: Policy) -> Iterator[str]:
+        numbered = lines(path)
+        first = next(((n, o, raw) for n, o, raw in numbered if raw.strip()), None)
+        if first is None:
+            return
+        if first[2].lstrip().startswith(b"["):  # a .json file holding one array of records
+            blob = first[2] + b"".join(raw for _, _, raw in numbered)
+            try:
+                records = json.loads(policy.decode(blob, str(path)))
+            except json.JSONDecodeError as e:
+                policy.bad_record(f"{path}:{first[0] + e.lineno - 1}", f"malformed JSON array: {e.msg}",
+                                  "malformed_json")
+                return
+            for i, record in enumerate(records if isinstance(records, list) else []):
+                yield from self._record(record, f"{path}: record {i + 1}", policy)
+            return
+        yield from self._line(*first, path, policy)
+        for number, offset, raw in numbered:
+            if raw.strip():
+                yield from self._line(number, offset, raw, path, policy)
+
+    def _line(self, number: int, offset: int, raw: bytes, path: Path, policy: Policy) -> Iterator[str]:
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(policy.decode(raw, where, offset))
+        except json.JSONDecodeError as e:
+            policy.bad_record(where, f"malformed JSON: {e.msg} at column {e.colno}", "malformed_json")
+            return
+        yield from self._record(record, where, policy)
+
+    def _record(self, record, where: str, policy: Policy) -> Iterator[str]:
+        field = self.spec.text_field
+        if not isinstance(record, dict) or field not in record:
+            policy.bad_record(where, f"no '{field}' field (set text_field to the key holding the text)",
+                              "missing_field")
+            return
+        text = record[field]
+        if not isinstance(text, str):
+            policy.bad_record(where, f"'{field}' is {type(text).__name__}, not text", "not_text")
+            return
+        text = policy.clean(text, where)
+        if policy.keep(text):
+            yield text
+
+    def _csv(self, path: Path, policy: Policy) -> Iterator[str]:
+        csv.field_size_limit(sys.maxsize)  # a document can be far longer than csv's 128 KiB default
+        decoded = (policy.decode(raw, f"{path}:{number}", offset) for number, offset, raw in lines(path))
+        reader = csv.reader(decoded)
+        header = next(reader, None)
+        if header is None:
+            return
+        column = header.index(self.spec.text_field)
+        for row in reader:
+            if len(row) <= column:
+                policy.bad_record(f"{path}:{reader.line_num}", f"row has {len(row)} fields, no '{self.spec.text_field}'",
+                                  "missing_field")
+                continue
+            if policy.keep(row[column]):
+                yield row[column]
+
+    def _parquet(self, path: Path, policy: Policy) -> Iterator[str]:
+        import pyarrow.parquet as pq
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(columns=[self.spec.text_field], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                where = f"{path}: row {row}"
+                if isinstance(value, bytes):
+                    value = policy.decode(value, where)
+                if not isinstance(value, str):
+                    policy.bad_record(where, f"'{self.spec.text_field}' is {type(value).__name__}, not text",
+                                      "not_text")
+                    continue
+                if policy.keep(value):
+                    yield value
+
+
+class StdlibReader(FilesReader):
+    def __init__(self, spec: StdlibSource):
+        super().__init__(FilesSource(paths=["<stdlib>"], format="txt"))
+        self.stdlib = spec
+
+    def describe(self) -> str:
+        import sysconfig
+
+        return f"Python {sys.version.split()[0]} standard library ({sysconfig.get_paths()['stdlib']})"
+
+    def files(self) -> list[Path]:
+        if self._files is None:
+            import sysconfig
+
+            self._files = stdlib_files(self.stdlib.exclude_tests)
+            if not self._files:
+                raise DataError(f"no .py files under {sysconfig.get_paths()['stdlib']}: "
+                                "this interpreter ships without its standard-library sources")
+        return self._files
