@@ -52,7 +52,8 @@ from lmforge.tokenizer import (
 )
 
 VERIFY_DOCS = 256  # documents checked for fast-encoder/tokenizers id identity at start-up...
-VERIFY_BYTES = 2 * 2**20  # ...up to this much text (bytes): ~0.4 s, a fixed cost of every run
+VERIFY_BYTES = 2 * 2**20  # ...up to this much text (bytes): ~0.4 s, a fixed cost of every run...
+VERIFY_DOC_BYTES = 256 * 2**10  # ...each document cut to this: `tokenizers` holds ~140 bytes per character encoded
 
 
 @dataclass
@@ -174,7 +175,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
 
     # -- encoder check: the fast path must give identical ids on real documents ----------------
     probe, probe_bytes = [], 0
-    for text in read_all(readers, Policy("replace", "skip", report=False)):
+    for text in read_all(readers, Policy("replace", "skip", report=False, max_document_bytes=VERIFY_DOC_BYTES)):
         probe.append(text)
         probe_bytes += len(text)
         if len(probe) >= VERIFY_DOCS or probe_bytes >= VERIFY_BYTES:
@@ -187,7 +188,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
 
     # -- encode: chunks of documents to worker processes, bounded in flight ---------------------
     workers = cfg.workers or len(os.sched_getaffinity(0))
-    policy = Policy(cfg.utf8_errors, cfg.bad_records, cfg.on_skipped_file)
+    policy = Policy.of(cfg)
     totals = [r.total_bytes() for r in readers]
     bar = tqdm(total=sum(totals) if None not in totals else None, unit="B", unit_scale=True, desc="tokenize",
                disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
@@ -269,6 +270,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         "bytes": nbytes,
         "skipped": dict(sorted(policy.skipped.items())),
         "skipped_files": policy.skipped_files,
+        "split_documents": policy.split_documents,
         "utf8_replaced_documents": policy.replaced_docs,
         "config_digest": digest,
         "config": cfg.model_dump(mode="json", exclude={"out_dir", "workers", "progress"}),
@@ -288,7 +290,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         "documents": docs, "tokens": tokens, "bytes": nbytes,
         "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
         "val_documents": splits["val"]["documents"], "shards": count, "shards_resumed": resumed,
-        "skipped": meta["skipped"], "skipped_files": policy.skipped_files,
+        "skipped": meta["skipped"], "skipped_files": policy.skipped_files, "split_documents": policy.split_documents,
         "utf8_replaced_documents": policy.replaced_docs,
         "encoder": encoder.kind, "workers": workers,
         "encode_seconds": round(encode_seconds, 3), "total_seconds": round(time.time() - started, 3),
@@ -301,7 +303,8 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     print(f"[tokenize] done: {docs:,} documents, {tokens:,} tokens (train {splits['train']['tokens']:,}, "
           f"val {splits['val']['tokens']:,}), {describe_bytes(nbytes)} in {count} shards "
           f"({resumed} resumed) -> {out}\n"
-          f"[tokenize] skipped: {skipped}; invalid UTF-8 replaced in {policy.replaced_docs} documents\n"
+          f"[tokenize] skipped: {skipped}; invalid UTF-8 replaced in {policy.replaced_docs} documents; "
+          f"{policy.split_documents} documents over max_document_bytes split\n"
           f"[tokenize] {summary['mb_per_s']} MB/s, {tokens / max(encode_seconds, 1e-9) / 1e6:.2f}M tokens/s "
           f"with {workers} workers ({encoder.kind}); peak RSS main {describe_bytes(peak_main)}, "
           f"worker {describe_bytes(peak_worker)}; {summary['total_seconds']:.1f} s in all")
@@ -326,7 +329,7 @@ def prepass(cfg: TokenizeConfig, readers, need_sample: bool) -> tuple[list[str],
     want_val = cfg.split.val_docs or 0
     bar = tqdm(desc="pre-pass", unit=" docs", disable=not cfg.progress, dynamic_ncols=True)
     count = 0
-    policy = Policy(cfg.utf8_errors, cfg.bad_records, cfg.on_skipped_file, report=False)  # the encoding pass says it
+    policy = Policy.of(cfg, report=False)  # the encoding pass says what it skips
     for i, text in enumerate(read_all(readers, policy)):
         bar.update()
         count += 1

@@ -124,6 +124,11 @@ class TokenizeConfig(StrictModel):
     """Invalid UTF-8: replace bad bytes with U+FFFD (counted), or stop naming file and byte offset."""
     bad_records: Literal["error", "skip"] = "error"
     """A malformed JSON line or a record without a text field: stop naming file and line, or skip it (counted)."""
+    max_document_bytes: int | None = Field(64 * 2**20, ge=1024)
+    """Longest document, in UTF-8 bytes: a longer one is split into pieces of at most this (or skipped, see
+    long_documents), counted; memory stays bounded by it whatever a file holds. null: no cap."""
+    long_documents: Literal["split", "skip"] = "split"
+    """A document longer than max_document_bytes: split it into several, or skip it."""
     on_skipped_file: Literal["warn", "error"] = "warn"
     """A file that cannot be read as data (binary, unknown extension, corrupt): skip it, said at once and listed
     by path in summary.json and meta.json, or stop the run."""

@@ -31,6 +31,7 @@ from lmforge.config.tokenize import FilesSource, StdlibSource
 from lmforge.data.sources import DataError, Policy, Reader, stdlib_files
 
 READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError)  # gzip's BadGzipFile is an OSError
+LINE_PIECE_BYTES = 2**20  # a .txt file is read at most this much of a line at a time
 BINARY_SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB marks a file as binary (as git does)
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 FORMATS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
@@ -86,25 +87,29 @@ def byte_order_mark(path: Path) -> tuple[str | None, int]:
     return next(((enc, len(bom)) for bom, enc in BOMS if head.startswith(bom)), (None, 0))
 
 
-def lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+def lines(path: Path, limit: int = -1) -> Iterator[tuple[int, int, bytes]]:
     """(line number from 1, byte offset, line as UTF-8 bytes) of any file this module opens. Offsets count the
-    decompressed bytes (for UTF-16/32 files, the UTF-8 bytes they become)."""
+    decompressed bytes (for UTF-16/32 files, the UTF-8 bytes they become). With `limit`, a longer line comes in
+    pieces of at most that many bytes (characters for UTF-16/32), so memory stays bounded; only its last piece
+    ends in a newline."""
     encoding, skip = byte_order_mark(path)
     with open_binary(path) as raw:
         if encoding in (None, "utf-8"):
             raw.read(skip)
-            offset = skip
-            for number, line in enumerate(raw, 1):
+            offset, number = skip, 1
+            while line := raw.readline(limit):
                 yield number, offset, line
                 offset += len(line)
+                number += line.endswith(b"\n")
             return
-        offset = 0
+        offset, number = 0, 1
         text = io.TextIOWrapper(raw, encoding=encoding, newline="")  # the codec reads and drops the BOM
         try:
-            for number, line in enumerate(text, 1):
+            while line := text.readline(limit):
                 data = line.encode("utf-8", errors="surrogatepass")
                 yield number, offset, data
                 offset += len(data)
+                number += line.endswith("\n")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: invalid {encoding.upper()} after its byte-order mark: {e.reason}") from None
 
@@ -197,33 +202,21 @@ class FilesReader(Reader):
                 if b"\0" in f.read(BINARY_SNIFF_BYTES):
                     policy.skip_file(path, "binary_file", "looks binary (NUL bytes)")
                     return
-        if self.spec.txt_documents == "file":
-            text = policy.decode(b"".join(line for _, _, line in lines(path)), str(path))
-            if policy.keep(text):
-                yield text
+        # Read at most 1 MiB of a line at a time: a document (a file, a block, a line) is gathered up to the
+        # document cap and no further, whatever its lines' length (Gather splits or skips what is longer).
+        mode = self.spec.txt_documents
+        gather = policy.gather(str(path), strip=mode != "file")
+        if mode == "file" and not any(True for _ in lines(path, limit=1)):
+            policy.skipped["empty"] += 1  # an empty file: an empty document, as any other format counts it
             return
-        if self.spec.txt_documents == "line":
-            for number, offset, line in lines(path):
-                if line.strip():
-                    yield from self._block([line], path, offset, policy, f"{path}:{number}")
-            return
-        block, start = [], 0
-        for _number, offset, line in lines(path):
-            if line.strip():
-                if not block:
-                    start = offset
-                block.append(line)
-            elif block:
-                yield from self._block(block, path, start, policy)
-                block = []
-        if block:
-            yield from self._block(block, path, start, policy)
-
-    @staticmethod
-    def _block(parts: list[bytes], path: Path, start: int, policy: Policy, where: str = "") -> Iterator[str]:
-        text = policy.decode(b"".join(parts).rstrip(b"\r\n"), where or str(path), start)
-        if policy.keep(text):
-            yield text
+        for number, offset, piece in lines(path, limit=LINE_PIECE_BYTES):
+            if mode == "blank_line" and not piece.strip():
+                yield from gather.end()
+            else:
+                yield from gather.add(piece, f"{path}:{number}" if mode == "line" else str(path), offset)
+                if mode == "line" and piece.endswith(b"\n"):
+                    yield from gather.end()
+        yield from gather.end()
 
     def _jsonl(self, path: Path, policy: Policy) -> Iterator[str]:
         numbered = lines(path)

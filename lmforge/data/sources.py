@@ -49,8 +49,10 @@ class Policy:
     """What to do with bad input, and the counters that the summary reports."""
 
     def __init__(self, utf8_errors: str = "replace", bad_records: str = "error", on_skipped_file: str = "warn",
-                 report: bool = True):
+                 report: bool = True, max_document_bytes: int | None = None, long_documents: str = "split"):
         self.utf8_errors, self.bad_records, self.on_skipped_file = utf8_errors, bad_records, on_skipped_file
+        self.max_document_bytes, self.long_documents = max_document_bytes, long_documents
+        self.split_documents = 0  # documents longer than max_document_bytes, cut into several
         self.report = report  # say each skipped file as it happens (the pass that encodes; not the pre-passes)
         self.skipped: Counter[str] = Counter()  # reason -> documents (or files) skipped
         self.skipped_files: dict[str, str] = {}  # path -> why it was skipped
@@ -94,11 +96,88 @@ class Policy:
         if self.report:
             print(f"[data] skipped {path}: {why}", file=sys.stderr)
 
+    @classmethod
+    def of(cls, cfg, report: bool = True) -> Policy:
+        """The policy a tokenize config asks for."""
+        return cls(cfg.utf8_errors, cfg.bad_records, cfg.on_skipped_file, report, cfg.max_document_bytes,
+                   cfg.long_documents)
+
+    def gather(self, where: str, strip: bool = False) -> Gather:
+        return Gather(self, where, strip)
+
+    def limit(self, text: str, reader: Reader) -> Iterator[str]:
+        """`text`, or its pieces when it is longer than max_document_bytes (or nothing, for long_documents: skip)."""
+        cap = self.max_document_bytes
+        if cap is None or len(text) * 4 <= cap:  # a character is at most 4 UTF-8 bytes: no need to count
+            yield text
+            return
+        data = text.encode("utf-8")
+        if len(data) <= cap:
+            yield text
+            return
+        gather = Gather(self, reader.describe(), strip=False)
+        yield from gather.add(data, gather.where, 0)
+        yield from gather.end()
+
     def keep(self, text: str) -> bool:
         if text.strip():
             return True
         self.skipped["empty"] += 1
         return False
+
+
+class Gather:
+    """One document gathered from the pieces a file is read in, held to `max_document_bytes`: past it the
+    document is cut into documents of at most that size (at a line end in the last half of the window where there
+    is one, else at a character boundary) or skipped whole (long_documents: skip), and counted either way."""
+
+    def __init__(self, policy: Policy, where: str, strip: bool):
+        self.policy, self.where, self.strip = policy, where, strip
+        self.parts: list[bytes] = []
+        self.size = self.start = 0
+        self.over = False  # this document passed the cap
+
+    def add(self, piece: bytes, where: str, offset: int) -> Iterator[str]:
+        p, cap = self.policy, self.policy.max_document_bytes
+        if not self.parts and not self.over:
+            self.where, self.start = where, offset
+        if self.over and p.long_documents == "skip":
+            return
+        self.parts.append(piece)
+        self.size += len(piece)
+        while cap is not None and self.size > cap:
+            if not self.over:
+                self.over = True
+                if p.long_documents == "skip":
+                    p.skipped["too_long"] += 1
+                    self.parts, self.size = [], 0
+                    return
+                p.split_documents += 1
+            data = b"".join(self.parts)
+            cut = data.rfind(b"\n", cap // 2, cap) + 1 or utf8_boundary(data[:cap]) or cap
+            yield from self._emit(data[:cut])
+            self.parts, self.size, self.start = [data[cut:]], len(data) - cut, self.start + cut
+
+    def end(self) -> Iterator[str]:
+        if self.parts and not (self.over and self.policy.long_documents == "skip"):
+            yield from self._emit(b"".join(self.parts), last=True)
+        self.parts, self.size, self.over = [], 0, False
+
+    def _emit(self, data: bytes, last: bool = False) -> Iterator[str]:
+        text = self.policy.decode(data.rstrip(b"\r\n") if self.strip and last else data, self.where, self.start)
+        if self.policy.keep(text):
+            yield text
+
+
+def utf8_boundary(data: bytes) -> int:
+    """The length of the longest prefix of `data` that does not end inside a UTF-8 character."""
+    end = len(data)
+    for back in range(min(4, end)):
+        byte = data[end - 1 - back]
+        if byte & 0xC0 != 0x80:  # not a continuation byte: the lead of the last character (or ASCII)
+            need = 1 if byte < 0x80 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return end if back + 1 >= need else end - 1 - back
+    return end
 
 
 class Reader:
@@ -214,8 +293,9 @@ def read_all(readers: list[Reader], policy: Policy) -> Iterator[str]:
     for reader in readers:
         count = 0
         for text in reader.documents(policy):
-            count += 1
-            yield text
+            for piece in policy.limit(text, reader):
+                count += 1
+                yield piece
         if count == 0:
             raise DataError(f"source {reader.describe()} yielded no documents "
                             f"(skipped so far: {dict(policy.skipped) or 'none'}); check its paths and text_field")

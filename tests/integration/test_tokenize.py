@@ -311,3 +311,25 @@ def test_a_resume_after_the_input_changed_redoes_what_is_stale_and_leaves_no_orp
     assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'fresh'}"]) == 0
     assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "fresh")
     assert TokenShards(tmp_path / "out", "val").num_documents == 15
+
+
+def test_a_200_mb_document_is_split_and_memory_stays_bounded(tmp_path, tiny_tokenizer):
+    """One 200 MB document (a file with no document breaks) used to be read, decoded, hashed and sent to a
+    worker whole: ~1 GB in the main process. With max_document_bytes it streams in pieces of at most 4 MiB."""
+    block = "".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "lmforge").glob("*.py")))
+    block = block.encode()[:2**20]
+    block = block[:block.rfind(b"\n") + 1]
+    with open(tmp_path / "huge.txt", "wb") as f:
+        for _ in range(200 * 2**20 // len(block)):
+            f.write(block)
+    size = (tmp_path / "huge.txt").stat().st_size
+    cfg = write_yaml(tmp_path / "t.yaml", {
+        "out_dir": str(tmp_path / "out"), "sources": [{"type": "files", "paths": [str(tmp_path / "huge.txt")]}],
+        "tokenizer": {"pretrained": str(tiny_tokenizer)}, "max_document_bytes": 4 * 2**20, "workers": 2,
+        "shard_bytes": 8 * 2**20, "progress": False, "split": {"val_fraction": 0.0}})
+    assert tokenize.main([str(cfg)]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["split_documents"] == 1 and summary["documents"] >= size // (4 * 2**20)
+    assert summary["bytes"] == size  # every byte of it was encoded
+    assert summary["peak_rss_main_bytes"] < 500 * 2**20, summary  # not the ~1 GB a whole 200 MB document costs
+    assert summary["peak_rss_worker_bytes"] < 500 * 2**20, summary

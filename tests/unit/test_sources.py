@@ -265,3 +265,26 @@ def test_hf_dataset_from_a_local_folder_and_missing_column(tmp_path):
 def test_hf_dataset_not_in_cache_offline_says_what_to_do():
     with pytest.raises(DataError, match=r"cannot load dataset 'lmforge-test/not-a-dataset'.*not in the local cache"):
         open_source(HFSource(name="lmforge-test/not-a-dataset")).check()
+
+
+def test_a_document_over_the_cap_is_split_at_line_ends_or_characters_or_skipped(tmp_path):
+    line = "x\u00e9\u4e16 " * 50 + "\n"  # multibyte characters, so a cut can fall inside one
+    text = line * 300  # ~73 KB, one document in file mode
+    (tmp_path / "big.txt").write_text(text)
+    (tmp_path / "small.txt").write_text("small")
+    policy = Policy(max_document_bytes=10_000)
+    got = docs(files(tmp_path / "big.txt", tmp_path / "small.txt"), policy)
+    assert "".join(got[:-1]) == text and got[-1] == "small"  # nothing lost, nothing added
+    assert all(len(d.encode()) <= 10_000 for d in got) and len(got) >= 9
+    assert all(d.endswith("\n") for d in got[:-2])  # cut at line ends where there are any
+    assert policy.split_documents == 1
+    (tmp_path / "one_line.txt").write_text(line.strip() * 400)  # ~100 KB without a line end: cut by character
+    got = docs(files(tmp_path / "one_line.txt", txt_documents="line"), Policy(max_document_bytes=10_000))
+    assert "".join(got) == line.strip() * 400 and max(len(d.encode()) for d in got) <= 10_000
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "short"}) + "\n")
+    got = docs(files(tmp_path / "r.jsonl"), Policy(max_document_bytes=10_000))
+    assert "".join(got[:-1]) == text and got[-1] == "short"
+    policy = Policy(max_document_bytes=10_000, long_documents="skip")
+    assert docs(files(tmp_path / "big.txt", tmp_path / "small.txt", tmp_path / "r.jsonl"), policy) == ["small",
+                                                                                                      "short"]
+    assert policy.skipped == {"too_long": 2} and policy.split_documents == 0
