@@ -208,6 +208,7 @@ class Encoder:
         self.reference = Tokenizer.from_str(tokenizer_json)
         self.reference.encode_special_tokens = True  # document text is plain text (module doc)
         self.kind, self.reason, self._tiktoken, self._lut = "tokenizers", "disabled by config", None, None
+        self.fallbacks = 0  # documents the fast path could not encode, encoded by `tokenizers` instead
         if fast:
             plan = _fast_plan(json.loads(tokenizer_json))
             if isinstance(plan, str):
@@ -221,7 +222,14 @@ class Encoder:
 
     def encode(self, text: str) -> np.ndarray:
         if self._tiktoken is not None:
-            return self._lut[self._tiktoken.encode_to_numpy(text, disallowed_special=())]
+            try:
+                return self._lut[self._tiktoken.encode_to_numpy(text, disallowed_special=())]
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # noqa: BLE001 - a Rust panic is a BaseException
+                # tiktoken's regex gives up on a long whitespace run ("Max stack size exceeded for
+                # backtracking"): this document goes through `tokenizers`, the reference, so its ids are the same
+                self.fallbacks += 1
         return np.asarray(self.reference.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:

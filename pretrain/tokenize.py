@@ -194,11 +194,12 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
                disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
     records: dict[int, dict] = {}
     fingerprint = hashlib.sha256(json.dumps(binding, sort_keys=True).encode())  # the data, its split, its ids
-    docs = nbytes = tokens = resumed = peak_worker = 0
+    docs = nbytes = tokens = resumed = peak_worker = fallbacks = 0
 
     def collect(chunk_bytes: int, record: dict) -> None:
-        nonlocal docs, tokens, peak_worker
+        nonlocal docs, tokens, peak_worker, fallbacks
         peak_worker = max(peak_worker, record.pop("peak_rss", 0))
+        fallbacks += record.pop("fallbacks", 0)
         records[record["index"]] = record
         docs += sum(record[s]["documents"] for s in SPLITS if record[s])
         tokens += sum(record[s]["tokens"] for s in SPLITS if record[s])
@@ -292,7 +293,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         "val_documents": splits["val"]["documents"], "shards": count, "shards_resumed": resumed,
         "skipped": meta["skipped"], "skipped_files": policy.skipped_files, "split_documents": policy.split_documents,
         "utf8_replaced_documents": policy.replaced_docs,
-        "encoder": encoder.kind, "workers": workers,
+        "encoder": encoder.kind, "encoder_fallbacks": fallbacks, "workers": workers,
         "encode_seconds": round(encode_seconds, 3), "total_seconds": round(time.time() - started, 3),
         "mb_per_s": round(nbytes / 1e6 / max(encode_seconds, 1e-9), 2),
         "tokens_per_s": round(tokens / max(encode_seconds, 1e-9)),
@@ -435,7 +436,21 @@ def _init_worker(tokenizer_json: str, fast: bool, eos_id: int, dtype: str, vocab
 def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str, binding: dict) -> dict:
     """Encode one chunk, write its train and val shards, then its completion record (in that order)."""
     w = _WORKER
-    encoded = w["encoder"].encode_many(docs)
+    try:
+        encoded = w["encoder"].encode_many(docs)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - a panic in the Rust encoder is a BaseException: name the document
+        for i, text in enumerate(docs):
+            try:
+                w["encoder"].encode(text)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # noqa: BLE001
+                raise DataError(f"the tokenizer failed on document {i + 1} of chunk {index} ({len(text):,} "
+                                f"characters, starting {text[:60]!r}): {type(e).__name__}: {e}; leave it out of the "
+                                "input, or set max_document_bytes lower") from None
+        raise DataError(f"the tokenizer failed on chunk {index}: {type(e).__name__}: {e}") from None
     record = {"index": index, "digest": digest, **binding}
     for split, want in (("train", False), ("val", True)):
         pieces = [ids for ids, is_val in zip(encoded, val, strict=True) if is_val == want]
@@ -454,7 +469,8 @@ def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str, bind
             raise DataError(f"token id {top} >= vocab size {w['vocab']}: the tokenizer is inconsistent")
         record[split] = write_shard(w["out"], split, index, tokens, ends)
     atomic.write_json(w["out"] / "chunks" / f"{index:06d}.json", record)
-    return {**record, "peak_rss": peak_rss()}
+    fallbacks, w["encoder"].fallbacks = w["encoder"].fallbacks, 0
+    return {**record, "peak_rss": peak_rss(), "fallbacks": fallbacks}
 
 
 if __name__ == "__main__":

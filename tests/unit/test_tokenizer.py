@@ -116,3 +116,71 @@ def test_a_local_pretrained_folder_is_copied_byte_for_byte_without_weights(tmp_p
     copied = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert copied == sorted(p.name for p in tiny_tokenizer.iterdir())
     assert all((tmp_path / "out" / n).read_bytes() == (tiny_tokenizer / n).read_bytes() for n in copied)
+
+
+@pytest.fixture(scope="module")
+def llama3_style_bpe() -> str:
+    """A 4,000-token BPE with Llama-3's split pattern (digit groups of up to 3, case-insensitive contractions),
+    trained on stdlib source: larger and closer to the tokenizers users bring than the 512-token GPT-2 one."""
+    from lmforge.data.sources import stdlib_files
+
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()[:150]]
+    tok.train_from_iterator(texts + sample_texts(300), trainers.BpeTrainer(
+        vocab_size=4000, special_tokens=["<|end_of_text|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return tok.to_str()
+
+
+def test_a_llama3_style_bpe_takes_the_fast_path_with_identical_ids(llama3_style_bpe):
+    from lmforge.data.sources import stdlib_files
+
+    enc = Encoder(llama3_style_bpe)
+    assert enc.kind == "tiktoken"
+    texts = TRICKY + ["12345678 1,000,000 3.14159", "I'M HERE, YOU'LL SEE, it'S"] + \
+        [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()[150:190]]
+    for text in texts:
+        assert enc.encode(text).tolist() == reference_ids(llama3_style_bpe, text), text[:80]
+
+
+def test_long_runs_and_blobs_encode_in_seconds_with_the_reference_ids(llama3_style_bpe, tiny_tokenizer):
+    """tiktoken's regex gives up on a 1 MB whitespace run (ValueError "Max stack size exceeded for backtracking"):
+    such a document now goes through `tokenizers`, with the same ids, instead of ending the run with a traceback."""
+    import base64
+    import random
+    import time
+
+    blob = base64.b64encode(random.Random(0).randbytes(750_000)).decode()
+    for spec in (llama3_style_bpe, (tiny_tokenizer / "tokenizer.json").read_text()):
+        enc = Encoder(spec)
+        for text in ("a" * 2**20, " " * 2**20, "\n" * 2**20, blob, ("x = 1" + " " * 5000) * 100):
+            started = time.perf_counter()
+            ids = enc.encode_many([text])[0]
+            assert time.perf_counter() - started < 10, text[:10]
+            assert ids.tolist() == reference_ids(spec, text), text[:10]
+        assert enc.fallbacks >= 1 and enc.kind == "tiktoken"  # a whitespace run; the rest stayed fast
+
+
+def test_an_encoder_failure_names_the_document(tiny_tokenizer, tmp_path):
+    from lmforge.data.sources import DataError
+    from pretrain import tokenize
+
+    class Panics(Encoder):
+        def encode(self, text):
+            if "boom" in text:
+                raise BaseException("called `Result::unwrap()` on an `Err` value")  # as pyo3 raises a panic
+            return super().encode(text)
+
+        def encode_many(self, texts):
+            return [self.encode(t) for t in texts]
+
+    tokenize._init_worker((tiny_tokenizer / "tokenizer.json").read_text(), True, 0, "<u2", 512, str(tmp_path))
+    tokenize._WORKER["encoder"] = Panics((tiny_tokenizer / "tokenizer.json").read_text())
+    with pytest.raises(DataError, match=r"document 2 of chunk 7 \(9 characters, starting 'boom here'\)"):
+        tokenize.encode_chunk(7, ["fine", "boom here"], [False, False], "d", {})
