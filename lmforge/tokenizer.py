@@ -152,6 +152,17 @@ def _byte_decoder() -> dict[str, int]:
     return chars
 
 
+def _merged(piece: bytes, merges: dict[tuple[bytes, bytes], int]) -> list[bytes]:
+    """Byte-pair merging of one piece as `tokenizers` does it: the adjacent pair with the earliest merge first."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        rank, i = min((merges.get((parts[i], parts[i + 1]), 1 << 62), i) for i in range(len(parts) - 1))
+        if rank == 1 << 62:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
 def _fast_plan(spec: dict) -> tuple[str, dict[bytes, int], np.ndarray] | str:
     """(regex, mergeable ranks, rank->id table) for a byte-level BPE, or why it does not apply."""
     model, norm, pre = spec.get("model") or {}, spec.get("normalizer"), spec.get("pre_tokenizer") or {}
@@ -185,13 +196,23 @@ def _fast_plan(spec: dict) -> tuple[str, dict[bytes, int], np.ndarray] | str:
     # tiktoken merges the adjacent pair whose concatenation has the lowest rank; giving each merge's
     # product the merge's index reproduces the BPE merge order (single bytes rank below every merge).
     ranks = {bytes([b]): b for b in range(256)}
+    merges: dict[tuple[bytes, bytes], int] = {}
     for i, merge in enumerate(model["merges"]):
         a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
         if a not in to_bytes or b not in to_bytes:
             return "a merge uses a token missing from the vocabulary"
         ranks.setdefault(to_bytes[a] + to_bytes[b], 256 + i)
+        merges.setdefault((to_bytes[a], to_bytes[b]), i)
     if any(r not in ids for r in ranks):
         return "a merge produces a token missing from the vocabulary"
+    if not model.get("ignore_merges"):
+        # tiktoken returns a pre-token that is itself in the vocabulary as that token; `tokenizers` does so only
+        # with ignore_merges, else it applies the merges, which can end elsewhere ("b c" before "a b" leaves
+        # "abc" as a|bc): identical only if every token is what the merges make of its own bytes
+        odd = [piece for piece in ranks if len(piece) > 1 and _merged(piece, merges) != [piece]]
+        if odd:
+            return (f"ignore_merges is false and {len(odd)} vocabulary tokens are not what the merges make of their "
+                    f"own bytes (e.g. {odd[0]!r})")
     lut = np.zeros(max(ranks.values()) + 1, dtype=np.int64)
     for piece, rank in ranks.items():
         lut[rank] = ids[piece]
@@ -216,9 +237,13 @@ class Encoder:
             else:
                 import tiktoken
 
-                pattern, ranks, self._lut = plan
-                self._tiktoken = tiktoken.Encoding("lmforge", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-                self.kind, self.reason = "tiktoken", "byte-level BPE"
+                pattern, ranks, lut = plan
+                try:  # a pattern tiktoken's regex engine does not take, say
+                    self._tiktoken = tiktoken.Encoding("lmforge", pat_str=pattern, mergeable_ranks=ranks,
+                                                       special_tokens={})
+                    self._lut, self.kind, self.reason = lut, "tiktoken", "byte-level BPE"
+                except Exception as e:
+                    self.reason = f"tiktoken cannot build it: {type(e).__name__}: {e}"
 
     def encode(self, text: str) -> np.ndarray:
         if self._tiktoken is not None:

@@ -174,12 +174,14 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     binding = {"tokenizer_hash": folder_hash(tok_dir), "val_cut": val_cut}
 
     # -- encoder check: the fast path must give identical ids on real documents ----------------
-    probe, probe_bytes = [], 0
-    for text in read_all(readers, Policy("replace", "skip", report=False, max_document_bytes=VERIFY_DOC_BYTES)):
-        probe.append(text)
-        probe_bytes += len(text)
-        if len(probe) >= VERIFY_DOCS or probe_bytes >= VERIFY_BYTES:
-            break
+    probe = []
+    for reader in readers:  # the first documents of every source, each its share of the budget
+        taken = taken_bytes = 0
+        for text in read_all([reader], Policy("replace", "skip", report=False, max_document_bytes=VERIFY_DOC_BYTES)):
+            probe.append(text)
+            taken, taken_bytes = taken + 1, taken_bytes + len(text)
+            if taken >= VERIFY_DOCS // len(readers) or taken_bytes >= VERIFY_BYTES // len(readers):
+                break
     problem = encoder.verify(probe)
     if problem:
         print(f"[tokenize] warning: {problem}; using tokenizers", file=sys.stderr)

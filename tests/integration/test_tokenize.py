@@ -333,3 +333,19 @@ def test_a_200_mb_document_is_split_and_memory_stays_bounded(tmp_path, tiny_toke
     assert summary["bytes"] == size  # every byte of it was encoded
     assert summary["peak_rss_main_bytes"] < 500 * 2**20, summary  # not the ~1 GB a whole 200 MB document costs
     assert summary["peak_rss_worker_bytes"] < 500 * 2**20, summary
+
+
+def test_the_encoder_check_samples_every_source(tmp_path, tokenize_config, monkeypatch):
+    """The fast path is checked against `tokenizers` on documents of every source, not only the first one's."""
+    from lmforge.tokenizer import Encoder
+
+    seen = []
+    real = Encoder.verify
+    monkeypatch.setattr(Encoder, "verify", lambda self, texts: seen.extend(texts) or real(self, texts))
+    write_jsonl(tmp_path / "a.jsonl", [{"text": f"first source {i} " + t} for i, t in enumerate(sample_texts(400))])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": "second source " + t} for t in sample_texts(50)])
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "a.jsonl")]},
+                           {"type": "files", "paths": [str(tmp_path / "b.jsonl")]}])
+    assert tokenize.main([str(cfg)]) == 0
+    assert 0 < sum(t.startswith("first source") for t in seen) <= 128
+    assert sum(t.startswith("second source") for t in seen) > 0

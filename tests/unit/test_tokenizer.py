@@ -184,3 +184,39 @@ def test_an_encoder_failure_names_the_document(tiny_tokenizer, tmp_path):
     tokenize._WORKER["encoder"] = Panics((tiny_tokenizer / "tokenizer.json").read_text())
     with pytest.raises(DataError, match=r"document 2 of chunk 7 \(9 characters, starting 'boom here'\)"):
         tokenize.encode_chunk(7, ["fine", "boom here"], [False, False], "d", {})
+
+
+def test_ignore_merges_decides_whether_a_whole_token_piece_may_skip_the_merges():
+    """vocab a b c bc ab abc, merges "b c" then "a b" then "ab c": the merges make "abc" into a|bc, while the
+    token abc exists. tiktoken returns a whole-vocabulary piece as itself, which is what `tokenizers` does only with
+    ignore_merges (Llama-3 sets it); without it the fast path would give other ids, so it is not used."""
+    import json
+
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    def spec(ignore: bool) -> str:
+        tok = Tokenizer(models.BPE(vocab={**{c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))},
+                                          "bc": 256, "ab": 257, "abc": 258},
+                                   merges=[("b", "c"), ("a", "b"), ("ab", "c")], ignore_merges=ignore))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        return tok.to_str()
+
+    assert json.loads(spec(False))["model"]["ignore_merges"] is False
+    strict, ignoring = Encoder(spec(False)), Encoder(spec(True))
+    assert strict.kind == "tokenizers" and "ignore_merges is false" in strict.reason
+    assert strict.encode("abc").tolist() == reference_ids(spec(False), "abc") and len(strict.encode("abc")) == 2
+    assert ignoring.kind == "tiktoken" and ignoring.encode("abc").tolist() == reference_ids(spec(True), "abc") == [258]
+
+
+def test_a_pattern_tiktoken_cannot_compile_falls_back_with_the_reason(tiny_tokenizer):
+    """`\\X` (a grapheme cluster) is Oniguruma syntax `tokenizers` takes and tiktoken's regex engine refuses: the
+    Encoder used to raise at construction; now it says why and encodes through `tokenizers`."""
+    import json
+
+    spec = json.loads((tiny_tokenizer / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\p{L}+|\X"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    enc = Encoder(json.dumps(spec))
+    assert enc.kind == "tokenizers" and enc.reason.startswith("tiktoken cannot build it: ValueError")
+    assert enc.encode("ab x12 c").tolist() == reference_ids(json.dumps(spec), "ab x12 c")
