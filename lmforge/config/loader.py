@@ -42,7 +42,8 @@ def dotted(path: KeyPath) -> str:
 # Reading YAML with provenance
 
 
-def _read_tree(path: Path, stack: tuple[Path, ...], prefix: KeyPath, where: dict) -> dict:
+def _read_tree(path: Path, stack: tuple[Path, ...], prefix: KeyPath, where: dict,
+               switched: dict | None = None) -> dict:
     """Parse one file (and its includes) into plain data, recording `where[keypath] = 'file:line'`."""
     path = path.resolve()
     if path in stack:
@@ -65,15 +66,59 @@ def _read_tree(path: Path, stack: tuple[Path, ...], prefix: KeyPath, where: dict
         return {}
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{path}:{node.start_mark.line + 1}: a config file must be a mapping of keys to values")
-    return _walk(node, path, (*stack, path), prefix, where)
+    return _walk(node, path, (*stack, path), prefix, where, switched or {})
 
 
-def _walk(node: yaml.Node, file: Path, stack: tuple[Path, ...], keypath: KeyPath, where: dict) -> Any:
+class TextInt(int):
+    """A YAML int that keeps the text it was written as: a str field takes that text (`revision: 0123` stays
+    "0123", not YAML 1.1's octal 83; `1:30` stays "1:30", not sexagesimal 90); an int field takes the number."""
+
+    def __new__(cls, value: int, text: str):
+        out = super().__new__(cls, value)
+        out.text = text
+        return out
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class TextFloat(float):
+    """A YAML float that keeps its text (`version: 1.10` stays "1.10" in a str field)."""
+
+    def __new__(cls, value: float, text: str):
+        out = super().__new__(cls, value)
+        out.text = text
+        return out
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def scalar(node: yaml.ScalarNode) -> Any:
+    value = yaml.SafeLoader("").construct_object(node)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return (TextInt if isinstance(value, int) else TextFloat)(value, node.value)
+
+
+def plain(node: yaml.Node) -> Any:
+    """A composed YAML node as data, numbers keeping their text (an override's value)."""
+    if isinstance(node, yaml.ScalarNode):
+        return scalar(node)
+    if isinstance(node, yaml.SequenceNode):
+        return [plain(n) for n in node.value]
+    return {yaml.SafeLoader("").construct_object(k): plain(v) for k, v in node.value}
+
+
+def _walk(node: yaml.Node, file: Path, stack: tuple[Path, ...], keypath: KeyPath, where: dict,
+          switched: dict) -> Any:
+    """`switched`: keypath -> include paths given on the command line (`model.include=...`), in place of what
+    the file includes there; an entry is popped once used."""
     where[keypath] = f"{file}:{node.start_mark.line + 1}"
     if isinstance(node, yaml.ScalarNode):
-        return yaml.SafeLoader("").construct_object(node)
+        return scalar(node)
     if isinstance(node, yaml.SequenceNode):
-        return [_walk(item, file, stack, (*keypath, i), where) for i, item in enumerate(node.value)]
+        return [_walk(item, file, stack, (*keypath, i), where, switched) for i, item in enumerate(node.value)]
     loader = yaml.SafeLoader("")
     loader.flatten_mapping(node)  # YAML merge keys (`<<: *base`)
     own: dict[str, Any] = {}
@@ -92,8 +137,10 @@ def _walk(node: yaml.Node, file: Path, stack: tuple[Path, ...], keypath: KeyPath
                 raise ConfigError(f"{file}:{line}: '{INCLUDE_KEY}' takes a path or a list of paths")
             includes += [(n, line) for n in names]
             continue
-        own[key] = _walk(value_node, file, stack, (*keypath, key), where)
+        own[key] = _walk(value_node, file, stack, (*keypath, key), where, switched)
         where[(*keypath, key)] = f"{file}:{line}"
+    if keypath in switched:
+        includes = [(name, 0) for name in switched.pop(keypath)]  # absolute paths, from the command line
     merged: dict[str, Any] = {}
     for name, line in includes:
         target = Path(os.path.expanduser(name))
@@ -125,7 +172,8 @@ def apply_override(data: dict, text: str, where: dict) -> None:
     if not sep or not key:
         raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. optim.lr=3e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = yaml.compose(raw, Loader=yaml.SafeLoader) if raw.strip() else None
+        value = plain(node) if node is not None else ""
     except yaml.YAMLError:
         value = raw
     parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".")]
@@ -244,10 +292,36 @@ def format_errors(err: ValidationError, schema: type[BaseModel], data: dict, whe
 
 
 def load_config(path: str | os.PathLike, schema: type[M], overrides: typing.Sequence[str] = ()) -> M:
-    """Read `path` (with includes), apply `overrides`, validate against `schema`; raise ConfigError."""
+    """Read `path` (with includes), apply `overrides`, validate against `schema`; raise ConfigError.
+
+    An override of an include (`model.include=configs/model/124m.yaml`, a path relative to the working directory,
+    or a [list]) replaces what the file includes in that section; the section's own keys still win."""
     where: dict = {}
-    data = _read_tree(Path(path), (), (), where)
+    switched, rest = {}, []
     for text in overrides:
+        key, sep, raw = text.partition("=")
+        parts = key.split(".")
+        if sep and parts[-1] == INCLUDE_KEY:
+            names = [n.strip() for n in raw.strip().strip("[]").split(",") if n.strip()]
+            for name in names:
+                if not Path(os.path.expanduser(name)).exists():
+                    raise ConfigError(f"override '{text}': included file not found: {name}")
+            switched[tuple(int(p) if p.isdigit() else p for p in parts[:-1])] = [
+                str(Path(os.path.expanduser(n)).resolve()) for n in names]
+        else:
+            rest.append(text)
+    data = _read_tree(Path(path), (), (), where, switched)
+    for keypath, names in switched.items():  # a section the file does not have: made from the included files
+        node: Any = data
+        for part in keypath:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted(keypath)}.{INCLUDE_KEY}=...': '{dotted(keypath)}' is not a section")
+        merged: dict = {}
+        for name in names:
+            merged = _merge(merged, _read_tree(Path(name), (), keypath, where))
+        node.update(_merge(merged, node))
+    for text in rest:
         apply_override(data, text, where)
     try:
         return schema.model_validate(data)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmforge.config import ConfigError, load_config, save_config
+from lmforge.config import ConfigError, load_config, save_config, to_yaml
 from lmforge.config.distill import CacheConfig, DistillConfig
 from lmforge.config.finetune import FinetuneConfig
 from lmforge.config.model import ModelConfig
@@ -202,3 +202,32 @@ def test_there_are_shipped_configs():
     folders = {p.parent.name for p in SHIPPED}
     assert {"tokenize", "model", "pretrain", "finetune", "distill", "pipelines"} <= folders
     assert {p.stem for p in DEEPSPEED} >= {"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"}
+
+
+def test_yaml_numbers_keep_their_text_in_string_fields(tmp_path):
+    """YAML 1.1 reads `0123` as octal 83 and `1:30` as sexagesimal 90: a string field must keep what was written."""
+    from lmforge.config.tokenize import TokenizeConfig
+
+    main = write(tmp_path, "main.yaml", "out_dir: o\ntokenizer: {pretrained: x}\nshard_bytes: 4096\n"
+                                        "sources: [{type: hf, name: ds, revision: 0123, config: 1:30, split: 1.10}]\n")
+    cfg = load_config(main, TokenizeConfig)
+    source = cfg.sources[0]
+    assert (source.revision, source.config, source.split) == ("0123", "1:30", "1.10")
+    assert cfg.shard_bytes == 4096 and type(cfg.shard_bytes) is int  # numbers stay numbers in number fields
+    cfg = load_config(main, TokenizeConfig, ["sources.0.revision=0777", "shard_bytes=0x1000"])
+    assert cfg.sources[0].revision == "0777" and cfg.shard_bytes == 4096
+    assert "revision: '0777'" in to_yaml(cfg)  # and the saved config reads back the same
+
+
+def test_an_include_can_be_switched_from_the_command_line(tmp_path, monkeypatch):
+    from lmforge.config.pretrain import PretrainConfig
+
+    monkeypatch.chdir(ROOT)
+    path = ROOT / "configs" / "pretrain" / "demo.yaml"
+    base = load_config(path, PretrainConfig)
+    big = load_config(path, PretrainConfig, ["model.include=configs/model/124m.yaml"])
+    assert (base.model.hidden_size, big.model.hidden_size) == (load_config(path, PretrainConfig).model.hidden_size,
+                                                              768)
+    assert big.model.num_layers == 12 and big.optim == base.optim  # only the model section changed
+    with pytest.raises(ConfigError, match=r"included file not found: configs/model/nope\.yaml"):
+        load_config(path, PretrainConfig, ["model.include=configs/model/nope.yaml"])
