@@ -319,7 +319,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 
 def read_zero_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    from lmforge.config.pretrain import located
+
+    return json.loads(located(path).read_text())
 
 
 def ds_config(zero_json: dict, micro: int, accum: int, global_batch: int, dtype: torch.dtype, optim,

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from lmforge import atomic
 from lmforge.config import save_config, to_yaml
 from lmforge.config.command import parse_command
 from lmforge.config.tokenize import TokenizeConfig
-from lmforge.data.shards import FORMAT, SPLITS, read_meta, token_dtype, write_shard
+from lmforge.data.shards import FORMAT, SPLITS, ShardError, read_meta, token_dtype, write_shard
 from lmforge.data.sources import (
     DataError,
     Policy,
@@ -92,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, TokenizerError) as e:
         print(f"lmforge tokenize: error: {e}", file=sys.stderr)
         return 1
+    except BrokenProcessPool:
+        print("lmforge tokenize: error: a worker process died (killed by the system: out of memory? lower "
+              "`workers`, `shard_bytes` or `max_document_bytes`); finished chunks are kept: rerun the same command "
+              "to resume", file=sys.stderr)
+        return 1
 
 
 def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only: bool = False) -> int:
@@ -106,7 +112,11 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     for reader in readers:
         reader.check()
     if (out / "meta.json").exists():
-        if read_meta(out).get("config_digest") == digest:
+        try:
+            done = read_meta(out)
+        except ShardError as e:
+            raise DataError(f"{e}: out_dir {out} holds something else; choose another out_dir") from None
+        if done.get("config_digest") == digest:
             print(f"[tokenize] {out} is already complete for this config; nothing to do")
             return 0
         raise DataError(f"{out} holds finished output of a different config; choose another out_dir "
@@ -147,8 +157,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
             print(f"[tokenize] training a {t.vocab_size}-token byte-level BPE on "
                   f"{describe_bytes(sum(len(s) for s in sample))} of text")
             tok = train_bpe(sample, t.vocab_size, t.special_tokens, t.min_frequency, show_progress=cfg.progress)
-            pad = t.special_tokens[1] if len(t.special_tokens) > 1 else None
-            save_folder(tok, tok_dir, eos_token=eos_token, pad_token=pad)
+            save_folder(tok, tok_dir, eos_token=eos_token, pad_token=t.pad_token)
             del sample, tok
     else:
         hf = load_pretrained(cfg.tokenizer.pretrained)

@@ -76,6 +76,18 @@ class OptimConfig(StrictModel):
         return self
 
 
+CHECKOUT = Path(__file__).resolve().parents[2]  # the lmforge tree this runs from: its configs/ hold the defaults
+
+
+def located(path: Path) -> Path:
+    """`path` itself if it is absolute or exists from the working directory, else the same relative path under
+    lmforge's own tree: a shipped default (`configs/deepspeed/zero2.json`) works from any working directory."""
+    path = Path(path)
+    if path.is_absolute() or path.exists() or not (CHECKOUT / path).exists():
+        return path
+    return CHECKOUT / path
+
+
 class EngineConfig(StrictModel):
     """DeepSpeed and numerics."""
 
@@ -98,9 +110,9 @@ class EngineConfig(StrictModel):
     @classmethod
     def _zero_only(cls, path: Path) -> Path:
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(located(path).read_text())
         except FileNotFoundError:
-            raise ValueError(f"DeepSpeed config not found: {path} (paths are relative to the working directory)") \
+            raise ValueError(f"DeepSpeed config not found: {path} (looked in the working directory and in {CHECKOUT})")\
                 from None
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read DeepSpeed config {path}: {e}") from None

@@ -67,8 +67,22 @@ class TrainTokenizer(StrictModel):
     """A merge must occur at least this often in the sample."""
     special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"], min_length=1)
     """Special tokens; the first one is the end-of-document (EOS) token."""
+    pad_token: str | None = "<|pad|>"
+    """The special token that pads batches (one of special_tokens), or null for none (fine-tuning then pads with
+    EOS)."""
     sample_bytes: int = Field(256_000_000, ge=1)
-    """Cap on the text used for training, in UTF-8 bytes (the documents with the smallest hashes)."""
+    """Cap on the text used for training, in UTF-8 bytes (train documents only, by a hash independent of the
+    split's)."""
+
+    @model_validator(mode="after")
+    def _pad_is_special(self) -> TrainTokenizer:
+        if self.pad_token is not None and self.pad_token not in self.special_tokens:
+            raise ValueError(f"pad_token {self.pad_token!r} is not one of special_tokens {self.special_tokens}; "
+                             "add it there or set pad_token: null")
+        if self.pad_token == self.special_tokens[0]:
+            raise ValueError("pad_token is the EOS token (the first of special_tokens): pad with another token, or "
+                             "set pad_token: null")
+        return self
 
 
 class TokenizerConfig(StrictModel):

@@ -61,8 +61,12 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
         hint = " (tokenization has not finished: rerun `lmforge tokenize` on its config to resume it)" \
             if (Path(data_dir) / "chunks").exists() else " (run `lmforge tokenize` first)"
         raise ShardError(f"{path}: not found{hint}")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path}: not a readable meta.json ({e}); is this an lmforge token folder?") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
         raise ShardError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
 

@@ -77,11 +77,13 @@ def test_trained_tokenizer_loads_with_autotokenizer(tmp_path, tokenize_config):
 
     write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in sample_texts(80)])
     cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}],
-                          tokenizer={"train": {"vocab_size": 350, "special_tokens": ["<eos>", "<pad>", "<x>"]}})
+                          tokenizer={"train": {"vocab_size": 350, "special_tokens": ["<eos>", "<x>", "<pad>"],
+                                               "pad_token": "<pad>"}})
     assert tokenize.main([str(cfg)]) == 0
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     hf = AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
     assert hf.eos_token == "<eos>" == meta["tokenizer"]["eos_token"] and hf.eos_token_id == meta["tokenizer"]["eos_id"]
+    assert hf.pad_token == "<pad>"  # the one named, not "the second special token"
     assert len(hf) == meta["tokenizer"]["vocab_size"] == 350
     first = TokenShards(tmp_path / "out").document(0).tolist()
     assert hf.decode(first[:-1]) == sample_texts(80)[0] or hf.decode(first[:-1]) in sample_texts(80)
@@ -349,3 +351,31 @@ def test_the_encoder_check_samples_every_source(tmp_path, tokenize_config, monke
     assert tokenize.main([str(cfg)]) == 0
     assert 0 < sum(t.startswith("first source") for t in seen) <= 128
     assert sum(t.startswith("second source") for t in seen) > 0
+
+
+def test_a_dead_worker_and_a_foreign_meta_json_get_a_message_not_a_traceback(tmp_path, tiny_tokenizer, capsys):
+    import psutil
+
+    cfg = write_yaml(tmp_path / "t.yaml", {
+        "out_dir": str(tmp_path / "out"), "sources": [{"type": "stdlib"}],
+        "tokenizer": {"pretrained": str(tiny_tokenizer)}, "shard_bytes": 131072, "workers": 2, "progress": False})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.tokenize", str(cfg)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    chunks, deadline = tmp_path / "out" / "chunks", time.time() + 120
+    while len(list(chunks.glob("0*.json"))) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "python" in c.name().lower()]
+    assert workers, "no worker processes found"
+    os.kill(workers[-1].pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "a worker process died" in err and "Traceback" not in err, err[-2000:]
+    assert tokenize.main([str(cfg)]) == 0  # what finished is kept; the rerun completes
+
+    for content in ("{not json", "[1, 2]", '{"format": "something-else"}'):
+        (tmp_path / "foreign").mkdir(exist_ok=True)
+        (tmp_path / "foreign" / "meta.json").write_text(content)
+        capsys.readouterr()
+        assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'foreign'}"]) == 1
+        err = capsys.readouterr().err
+        assert "holds something else; choose another out_dir" in err and "Traceback" not in err

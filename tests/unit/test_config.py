@@ -231,3 +231,29 @@ def test_an_include_can_be_switched_from_the_command_line(tmp_path, monkeypatch)
     assert big.model.num_layers == 12 and big.optim == base.optim  # only the model section changed
     with pytest.raises(ConfigError, match=r"included file not found: configs/model/nope\.yaml"):
         load_config(path, PretrainConfig, ["model.include=configs/model/nope.yaml"])
+
+
+def test_the_default_deepspeed_json_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    from lmforge import engine
+    from lmforge.config.pretrain import located
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    cfg = load_config(ROOT / "configs" / "pretrain" / "demo.yaml", PretrainConfig)
+    assert cfg.engine.deepspeed == Path("configs/deepspeed/zero2.json")  # recorded as given: the digest is portable
+    assert engine.read_zero_json(cfg.engine.deepspeed)["zero_optimization"]["stage"] == 2
+    (tmp_path / "configs" / "deepspeed").mkdir(parents=True)
+    (tmp_path / "configs" / "deepspeed" / "zero2.json").write_text('{"zero_optimization": {"stage": 1}}')
+    assert located(Path("configs/deepspeed/zero2.json")) == Path("configs/deepspeed/zero2.json")  # the user's own wins
+    with pytest.raises(ConfigError, match="DeepSpeed config not found: nope.json \\(looked in the working directory"):
+        load_config(ROOT / "configs" / "pretrain" / "demo.yaml", PretrainConfig, ["engine.deepspeed=nope.json"])
+
+
+def test_the_pad_token_is_named_and_must_be_special(tmp_path):
+    from lmforge.config.tokenize import TrainTokenizer
+
+    assert TrainTokenizer().pad_token == "<|pad|>"
+    with pytest.raises(ValueError, match=r"pad_token '<pad>' is not one of special_tokens \['<eos>'\]"):
+        TrainTokenizer(special_tokens=["<eos>"], pad_token="<pad>")
+    with pytest.raises(ValueError, match="pad_token is the EOS token"):
+        TrainTokenizer(special_tokens=["<eos>"], pad_token="<eos>")
+    assert TrainTokenizer(special_tokens=["<eos>"], pad_token=None).pad_token is None
