@@ -257,3 +257,17 @@ def test_the_pad_token_is_named_and_must_be_special(tmp_path):
     with pytest.raises(ValueError, match="pad_token is the EOS token"):
         TrainTokenizer(special_tokens=["<eos>"], pad_token="<eos>")
     assert TrainTokenizer(special_tokens=["<eos>"], pad_token=None).pad_token is None
+
+
+def test_a_field_added_at_its_default_keeps_the_digest():
+    """A newer lmforge with one more field (at a default that keeps the old behaviour) must not see every output
+    of the older one as "a different config"."""
+    from pydantic import create_model
+
+    from lmforge.config.base import StrictModel
+
+    old = create_model("Section", __base__=StrictModel, lr=(float, 1e-3), steps=(int, 10))
+    new = create_model("Section", __base__=StrictModel, lr=(float, 1e-3), steps=(int, 10), clip=(float, 1.0))
+    assert old(lr=3e-4).digest() == new(lr=3e-4).digest()
+    assert old(lr=3e-4).digest() != new(lr=3e-4, clip=0.5).digest() != old(lr=1e-4).digest()
+    assert old().digest() == old(steps=10).digest()  # spelled out or not: the same config
