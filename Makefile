@@ -1,6 +1,9 @@
-# lmforge: `make demo` and `make test` on a fresh machine. Torch is installed first, pinned (a bare
-# `torch` requirement would pull a multi-GB CUDA build); override for a GPU box, e.g.
-#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# lmforge: `make demo` and `make test` on a fresh machine. Torch is installed first, as TORCH_SPEC says. From PyPI
+# on Linux `torch==2.13.0` is the multi-GB CUDA build (a local CPU wheel, through PIP_FIND_LINKS, wins where one
+# is); pick the build explicitly, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"     # CPU only
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"   # CUDA 12.8
+# A changed TORCH_SPEC reinstalls torch in the existing .venv (it is remembered in .venv/.torch-spec).
 PYTHON     ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV       ?= .venv
@@ -20,12 +23,21 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(VENV)/.torch-spec
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	if [ "$$(cat $(VENV)/.torch-installed 2>/dev/null)" != "$(TORCH_SPEC)" ]; then \
+	  $(BIN)/python -m pip install --quiet --force-reinstall $(TORCH_SPEC) && echo "$(TORCH_SPEC)" > $(VENV)/.torch-installed; \
+	fi
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+# rewritten only when TORCH_SPEC differs from the last one, so that a new spec reruns the setup above
+$(VENV)/.torch-spec: FORCE
+	@mkdir -p $(VENV)
+	@test "$$(cat $@ 2>/dev/null)" = "$(TORCH_SPEC)" || echo "$(TORCH_SPEC)" > $@
+
+FORCE:
 
 # The whole chain on the built-in corpus, on CPU (configs/pipelines/demo.yaml): tokenize, pretrain the ~5 M-parameter
 # demo model on 2 ranks with ZeRO-2, fine-tune it on both built-in tasks beside the same architecture from random

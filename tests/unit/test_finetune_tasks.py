@@ -59,3 +59,24 @@ def test_the_sft_task_names_public_functions_from_their_docstrings(built):
     assert all(e["response"].isidentifier() and not e["response"].startswith("_") for e in every)
     assert len({e["prompt"] for e in every}) == len(every)
     assert any(e["response"] == "dumps" and "JSON" in e["prompt"] for e in every)  # json.dumps is there
+
+
+def test_the_builtin_tasks_work_on_a_stdlib_stripped_as_distributions_ship_it(monkeypatch):
+    """Debian's and Ubuntu's python3 and the official Docker images ship the standard library without test/ (and
+    often without tkinter, idlelib, turtledemo): ~650-750 files. The demo's tasks must still be there."""
+    from lmforge.data import sources, tasks
+
+    real = sources.stdlib_files
+    stripped = [p for p in real(exclude_tests=True)
+                if not {"tkinter", "turtledemo", "idlelib", "test", "tests"} & set(p.parts)]
+    monkeypatch.setattr(tasks, "stdlib_files", lambda exclude_tests=False: stripped)
+    tasks._docstrings.cache_clear()
+    try:
+        package = tasks.build("stdlib-docstring-package")
+        name = tasks.build("stdlib-docstring-name")
+    finally:
+        tasks._docstrings.cache_clear()
+    assert 500 < len(stripped) < len(real())
+    assert len(package["labels"]) >= 2 and all(package[s] for s in tasks.SPLITS)
+    assert "test" not in package["labels"] and "tkinter" not in package["labels"]
+    assert all(len(name[s]) > 50 for s in tasks.SPLITS)

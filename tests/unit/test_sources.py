@@ -239,12 +239,12 @@ def test_a_source_with_no_documents_is_an_error(tmp_path):
 
 def test_stdlib_corpus_is_the_interpreters_own_sources():
     paths = stdlib_files()
-    assert len(paths) > 1000
+    assert len(paths) > 500  # ~1,800 with test/ (python.org builds), ~650-750 where a distribution strips it
     assert not any("site-packages" in p.parts for p in paths)
     assert any(p.name == "argparse.py" for p in paths)
     assert len(stdlib_files(exclude_tests=True)) < len(paths)
     reader = open_source(StdlibSource())
-    assert reader.total_bytes() > 10_000_000
+    assert reader.total_bytes() > 5_000_000  # ~31 MB with test/, ~12 MB without
 
 
 def test_hf_dataset_from_a_local_folder_and_missing_column(tmp_path):
