@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "tokenize": ("pretrain.tokenize", "train or load a tokenizer and write token shards"),
+    "inspect": ("lmforge.data.inspect", "what a token folder holds: counts, tokenizer, sources, a decoded sample"),
     "export": ("lmforge.checkpoint", "build a Hugging Face folder from a training run's checkpoint"),
     "push": ("lmforge.hub", "upload an exported Hugging Face folder to the Hub (a branch per --revision)"),
     "run": ("lmforge.pipeline", "run a pipeline's stages on this machine, skipping finished ones"),

@@ -39,6 +39,7 @@ from lmforge.data.sources import (
     hash_fraction,
     open_source,
     read_all,
+    read_sources,
     sample_fraction,
 )
 from lmforge.throughput import peak_rss
@@ -62,6 +63,7 @@ class Chunk:
     index: int
     docs: list[str] = field(default_factory=list)
     val: list[bool] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)  # the source each document came from (per-source counts)
     nbytes: int = 0
     hasher: object = field(default_factory=lambda: hashlib.blake2b(digest_size=16))
 
@@ -224,7 +226,8 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init) as pool:
         pending: dict = {}
         try:
-            for chunk in chunked(read_all(readers, policy), cfg.shard_bytes, val_cut):
+            for chunk in chunked(read_sources(readers, policy), cfg.shard_bytes, val_cut, cfg.dedup == "exact",
+                                 policy):
                 fingerprint.update(chunk.digest.encode())
                 nbytes += chunk.nbytes
                 if part is not None and chunk.index % part[1] != part[0]:
@@ -239,8 +242,8 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in finished:
                         collect(pending.pop(future), future.result())
-                pending[pool.submit(encode_chunk, chunk.index, chunk.docs, chunk.val, chunk.digest, binding)] = \
-                    chunk.nbytes
+                pending[pool.submit(encode_chunk, chunk.index, chunk.docs, chunk.val, chunk.digest, binding,
+                                    chunk.sources)] = chunk.nbytes
             for future in list(pending):
                 collect(pending.pop(future), future.result())
         except BaseException:
@@ -279,6 +282,8 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         "splits": splits,
         "source_fingerprint": fingerprint.hexdigest()[:32],
         "sources": [r.describe() for r in readers],
+        "per_source": per_source(records, readers),
+        "dedup": cfg.dedup,
         "bytes": nbytes,
         "skipped": dict(sorted(policy.skipped.items())),
         "skipped_files": policy.skipped_files,
@@ -303,6 +308,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
         "val_documents": splits["val"]["documents"], "shards": count, "shards_resumed": resumed,
         "skipped": meta["skipped"], "skipped_files": policy.skipped_files, "split_documents": policy.split_documents,
+        "per_source": meta["per_source"],
         "utf8_replaced_documents": policy.replaced_docs,
         "encoder": encoder.kind, "encoder_fallbacks": fallbacks, "workers": workers,
         "encode_seconds": round(encode_seconds, 3), "total_seconds": round(time.time() - started, 3),
@@ -312,6 +318,9 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     }
     atomic.write_json(out / "summary.json", summary)
     skipped = ", ".join(f"{k} {v}" for k, v in meta["skipped"].items()) or "none"
+    if len(readers) > 1:
+        for entry in meta["per_source"]:
+            print(f"[tokenize] source {entry['source']}: {entry['documents']:,} documents, {entry['tokens']:,} tokens")
     print(f"[tokenize] done: {docs:,} documents, {tokens:,} tokens (train {splits['train']['tokens']:,}, "
           f"val {splits['val']['tokens']:,}), {describe_bytes(nbytes)} in {count} shards "
           f"({resumed} resumed) -> {out}\n"
@@ -342,11 +351,17 @@ def prepass(cfg: TokenizeConfig, readers, need_sample: bool) -> tuple[list[str],
     bar = tqdm(desc="pre-pass", unit=" docs", disable=not cfg.progress, dynamic_ncols=True)
     count = 0
     policy = Policy.of(cfg, report=False)  # the encoding pass says what it skips
+    seen: set[int] = set()
     for i, text in enumerate(read_all(readers, policy)):
         bar.update()
-        count += 1
         data = text.encode("utf-8")
         digest = doc_hash(data)
+        if cfg.dedup == "exact":  # as the encoding pass drops them: val_docs counts distinct documents
+            key = int.from_bytes(digest[8:16], "little")
+            if key in seen:
+                continue
+            seen.add(key)
+        count += 1
         pos = hash_fraction(digest)
         if want_val:
             if len(val_heap) < want_val:
@@ -376,14 +391,23 @@ def prepass(cfg: TokenizeConfig, readers, need_sample: bool) -> tuple[list[str],
     return sample, val_cut
 
 
-def chunked(texts, shard_bytes: int, val_cut: float):
-    """Group documents into chunks of about `shard_bytes` UTF-8 bytes; the same input always gives the
-    same chunks, which is what makes resume and parallel encoding deterministic."""
+def chunked(documents, shard_bytes: int, val_cut: float, dedup: bool = False, policy: Policy | None = None):
+    """Group (source, document) pairs into chunks of about `shard_bytes` UTF-8 bytes; the same input always gives
+    the same chunks, which is what makes resume and parallel encoding deterministic. With `dedup`, a document
+    whose hash was seen before is dropped (counted in `policy.skipped["duplicate"]`): the first copy stays."""
     chunk = Chunk(0)
-    for text in texts:
+    seen: set[int] = set()
+    for source, text in documents:
         data = text.encode("utf-8")
         digest = doc_hash(data)
+        if dedup:
+            key = int.from_bytes(digest[8:16], "little")  # 8 bytes: a first false duplicate is unlikely below ~1e9
+            if key in seen:
+                policy.skipped["duplicate"] += 1
+                continue
+            seen.add(key)
         chunk.docs.append(text)
+        chunk.sources.append(source)
         chunk.val.append(hash_fraction(digest) < val_cut)
         chunk.nbytes += len(data)
         chunk.hasher.update(digest)
@@ -409,6 +433,16 @@ def finished_record(out: Path, chunk: Chunk, dtype: np.dtype, binding: dict) -> 
                       or (out / shard["file"]).stat().st_size != shard["tokens"] * dtype.itemsize):
             return None
     return record
+
+
+def per_source(records: dict[int, dict], readers) -> list[dict]:
+    """Documents and tokens (EOS included) each source contributed, summed over the chunk records."""
+    out = [{"source": r.describe(), "documents": 0, "tokens": 0} for r in readers]
+    for record in records.values():
+        for source, (documents, tokens) in record.get("sources", {}).items():
+            out[int(source)]["documents"] += documents
+            out[int(source)]["tokens"] += tokens
+    return out
 
 
 def input_listing(readers) -> dict[str, list[int]]:
@@ -444,7 +478,8 @@ def _init_worker(tokenizer_json: str, fast: bool, eos_id: int, dtype: str, vocab
                    vocab=vocab_size, out=Path(out))
 
 
-def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str, binding: dict) -> dict:
+def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str, binding: dict,
+                 sources: list[int] | None = None) -> dict:
     """Encode one chunk, write its train and val shards, then its completion record (in that order)."""
     w = _WORKER
     try:
@@ -463,6 +498,12 @@ def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str, bind
                                 "input, or set max_document_bytes lower") from None
         raise DataError(f"the tokenizer failed on chunk {index}: {type(e).__name__}: {e}") from None
     record = {"index": index, "digest": digest, **binding}
+    by_source: dict[str, list[int]] = {}  # source index -> [documents, tokens with their EOS]
+    for ids, source in zip(encoded, sources or [0] * len(docs), strict=True):
+        counts = by_source.setdefault(str(source), [0, 0])
+        counts[0] += 1
+        counts[1] += ids.size + 1
+    record["sources"] = by_source
     for split, want in (("train", False), ("val", True)):
         pieces = [ids for ids, is_val in zip(encoded, val, strict=True) if is_val == want]
         if not pieces:

@@ -130,6 +130,9 @@ class TokenizeConfig(StrictModel):
     """The tokenizer to train or load."""
     split: SplitConfig = Field(default_factory=SplitConfig)
     """How documents are split between train and val."""
+    dedup: Literal["none", "exact"] = "none"
+    """`exact`: a document identical to an earlier one (in any source) is kept once, the rest counted as skipped
+    duplicates (a set of 8-byte hashes: ~70 bytes of memory per distinct document)."""
     shard_bytes: int = Field(16 * 2**20, ge=1024)
     """Text per shard (one unit of parallel work), in UTF-8 bytes."""
     workers: int = Field(0, ge=0)

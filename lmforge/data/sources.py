@@ -290,12 +290,18 @@ def open_source(spec: StdlibSource | FilesSource | HFSource) -> Reader:
 
 def read_all(readers: list[Reader], policy: Policy) -> Iterator[str]:
     """All sources in order; a source that yields no document at all is an error."""
-    for reader in readers:
+    for _, text in read_sources(readers, policy):
+        yield text
+
+
+def read_sources(readers: list[Reader], policy: Policy) -> Iterator[tuple[int, str]]:
+    """(index of the source, document) of all sources in order; a source that yields no document is an error."""
+    for index, reader in enumerate(readers):
         count = 0
         for text in reader.documents(policy):
             for piece in policy.limit(text, reader):
                 count += 1
-                yield piece
+                yield index, piece
         if count == 0:
             raise DataError(f"source {reader.describe()} yielded no documents "
                             f"(skipped so far: {dict(policy.skipped) or 'none'}); check its paths and text_field")

@@ -379,3 +379,44 @@ def test_a_dead_worker_and_a_foreign_meta_json_get_a_message_not_a_traceback(tmp
         assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'foreign'}"]) == 1
         err = capsys.readouterr().err
         assert "holds something else; choose another out_dir" in err and "Traceback" not in err
+
+
+def test_exact_dedup_keeps_one_copy_across_sources_and_counts_per_source(tmp_path, tokenize_config):
+    texts = sample_texts(60)
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:40]] + [{"text": texts[0]}])  # one repeat
+    write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in texts[30:60]])  # ten shared with a.jsonl
+    sources = [{"type": "files", "paths": [str(tmp_path / "a.jsonl")]},
+               {"type": "files", "paths": [str(tmp_path / "b.jsonl")]}]
+    cfg = tokenize_config(sources, dedup="exact", split={"val_docs": 5})
+    assert tokenize.main([str(cfg)]) == 0
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["skipped"]["duplicate"] == 11
+    assert [s["documents"] for s in meta["per_source"]] == [40, 20]
+    assert sum(s["tokens"] for s in meta["per_source"]) == sum(meta["splits"][s]["tokens"] for s in ("train", "val"))
+    assert meta["splits"]["val"]["documents"] == 5
+    kept = split_docs(tmp_path / "out", "train") + split_docs(tmp_path / "out", "val")
+    assert len(kept) == 60 and len({tuple(d) for d in kept}) == 60  # every text once
+    assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'all'}", "dedup=none"]) == 0
+    assert json.loads((tmp_path / "all" / "meta.json").read_text())["splits"]["train"]["documents"] + 5 == 71
+
+
+def test_lmforge_inspect_reports_counts_sources_and_a_decoded_sample(tmp_path, tokenize_config, capsys):
+    from lmforge import cli
+
+    texts = sample_texts(30)
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:20]])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in texts[20:]])
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "a.jsonl")]},
+                           {"type": "files", "paths": [str(tmp_path / "b.jsonl")]}], split={"val_docs": 3})
+    assert tokenize.main([str(cfg)]) == 0
+    capsys.readouterr()
+    assert cli.main(["inspect", str(tmp_path / "out"), "--split", "val", "--document", "1", "--tokens", "100000"]) == 0
+    out = capsys.readouterr().out
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    train = meta["splits"]["train"]
+    assert f"train{train['documents']:>14,}{train['tokens']:>18,}" in out.replace("train   ", "train")
+    assert f"a.jsonl: {meta['per_source'][0]['documents']} documents" in out and "b.jsonl: " in out
+    sample = out.split("text:\n", 1)[1]
+    assert sample.rstrip("\n").removesuffix("<|endoftext|>") in texts  # the whole document, decoded
+    assert cli.main(["inspect", str(tmp_path / "out"), "--document", "999"]) == 1
+    assert "the train split has documents 0.." in capsys.readouterr().err
