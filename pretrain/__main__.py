@@ -28,8 +28,8 @@ from lmforge.config import to_yaml
 from lmforge.config.base import result_digest
 from lmforge.config.command import parse_command
 from lmforge.config.pretrain import PretrainConfig
-from lmforge.data.sampler import WindowSampler, eval_windows
-from lmforge.data.shards import ShardError, TokenShards, read_meta, split_digest
+from lmforge.data.blend import Blend
+from lmforge.data.shards import ShardError
 from lmforge.models import ModelError, build, describe, human, model_config
 from lmforge.run import Plan, Run, RunError, catch_signals, fail, rank_seed
 from lmforge.schedule import lr_at, schedule_change
@@ -53,22 +53,22 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- what the data and the model say, and the batch arithmetic: errors before any work ---------
     try:
-        meta = read_meta(cfg.data.path)
-        tok = meta["tokenizer"]
+        # one token folder, or several blended by weight: a global, rank-free order of windows either way
+        sampler = Blend(cfg.data.parts(), cfg.data.seq_len, cfg.train.seed)
+        meta, tok = sampler.meta, sampler.meta["tokenizer"]
         hf_config = model_config(cfg.model, cfg.init_from, int(tok["vocab_size"]), int(tok["eos_id"]),
-                                 pad_token_id(Path(cfg.data.path) / "tokenizer"), cfg.data.seq_len)
+                                 pad_token_id(Path(cfg.data.first) / "tokenizer"), cfg.data.seq_len)
         facts = describe(hf_config, cfg.data.seq_len)  # parameters and FLOPs of the model actually trained
         plan = Plan.make(cfg.batch, cfg.engine, cfg.optim)
-        train, val = TokenShards(cfg.data.path, "train"), TokenShards(cfg.data.path, "val")
-        sampler = WindowSampler(train, cfg.data.seq_len, cfg.train.seed)  # a global, rank-free order of windows
-        val_ids = eval_windows(val, cfg.data.seq_len, cfg.eval.windows)  # a fixed validation set
+        val_ids = sampler.eval_set(cfg.eval.windows)  # a fixed validation set, shared among sources by weight
     except (ShardError, ModelError, eng.EngineError) as e:
         return fail(PROG, e)
     micro, accum, global_batch, dtype, ds = plan.micro, plan.accum, plan.global_batch, plan.dtype, plan.ds
     tokens_per_step = global_batch * cfg.data.seq_len
     if args.dry_run:
         plan.dry_run(to_yaml(cfg), facts, hf_config, cfg.data.seq_len, cfg.train.max_steps,
-                     str(cfg.init_from or "model") + f"; data {cfg.data.path}")
+                     str(cfg.init_from or "model") + "; data " + ", ".join(
+                         f"{p} ({w:.0%})" for p, w in zip(sampler.paths, sampler.weights, strict=True)))
         return 0
 
     # -- the run: process group, lease, the resume decision, checks before anything is overwritten --
@@ -76,23 +76,23 @@ def main(argv: list[str] | None = None) -> int:
         run = Run.open(STAGE, cfg.run_dir, launched, cfg.engine.collective_timeout, cfg.train.lease_timeout,
                        stops)
         run.check_resume({**plan.resume_checks(hf_config, cfg.train.seed),
-                          "data_fingerprint": (meta["source_fingerprint"], "was trained on different data "
-                                               "(fingerprint); use a new run_dir or the original data"),
+                          "data_fingerprint": (sampler.fingerprint(), "was trained on different data "
+                                               "(fingerprint, or blend weights); use a new run_dir or the original data"),
                           "tokenizer_hash": (tok["hash"], "was trained on data from another tokenizer; use a new run_dir"),
-                          "data_split": (split_digest(meta), "was trained on another split of the data; use a new run_dir"),
+                          "data_split": (sampler.split_digest(), "was trained on another split of the data; use a new run_dir"),
                           "seq_len": (cfg.data.seq_len, "used another data.seq_len; restore it")})
         if run.finished(cfg.train.max_steps):
             run.say(f"{run.dir} already finished {run.resume.step} steps; final model in {run.dir / 'final'}")
             return run.close(0)
-        run.on_main(lambda: (train.verify(), val.verify()), (ShardError,))  # every shard whole: one rank looks
-        run.publish(cfg, Path(cfg.data.path) / "tokenizer")
+        run.on_main(lambda: [s.verify() for s in sampler.train + sampler.val], (ShardError,))  # one rank looks
+        run.publish(cfg, Path(cfg.data.first) / "tokenizer")
         resume_tag = run.resume_tag(ds, cfg.engine.universal_checkpoint)
     except RunError as e:
         return fail(PROG, e)
     d, device = run.dist, run.dist.device
 
     def val_batch(ids: list[int]) -> torch.Tensor:
-        return torch.stack([torch.from_numpy(val.window(val_ids[i], cfg.data.seq_len).astype("int64")) for i in ids])
+        return torch.stack([torch.from_numpy(sampler.val_window(val_ids[i]).astype("int64")) for i in ids])
 
     # -- model and engine (under ZeRO-3 the model is built partitioned, never whole on one rank) ----
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
@@ -127,8 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             # read back from the model and the engine, not the config: an option that did not take shows here
             + (", activation checkpointing" if engine.module.is_activation_checkpointing else "")
             + (", torch.compile" if engine.is_compiled else "") + f"; global batch {global_batch} x "
-            f"{cfg.data.seq_len} = {tokens_per_step:,} tokens/step; {sampler.num_windows:,} train windows; "
+            f"{cfg.data.seq_len} = {tokens_per_step:,} tokens/step; {sum(sampler.windows):,} train windows; "
             f"peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
+    if len(sampler.paths) > 1:
+        for part in sampler.describe(cfg.train.max_steps * global_batch):
+            run.say(f"data: {part['path']}: {part['weight']:.1%} of the windows, {part['train_tokens']:,} train tokens "
+                    f"({part['train_windows']:,} windows), {part['epochs']:.2f} epochs of it in {cfg.train.max_steps} "
+                    "steps")
 
     def evaluate() -> dict:
         """Mean loss over the fixed validation windows; every rank runs the same number of forwards."""
@@ -151,15 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         return {"samples": position, "tokens": tokens_seen, "max_steps": cfg.train.max_steps,
                 "zero_stage": plan.zero_stage, "global_batch_size": global_batch, "seq_len": cfg.data.seq_len,
                 "seed": cfg.train.seed, "dtype": plan.precision, "model_digest": ckpt.config_digest(hf_config),
-                "data_fingerprint": meta["source_fingerprint"], "tokenizer_hash": tok["hash"],
-                "data_split": split_digest(meta), "wandb_id": tracker.run_id, "skipped_steps": health.skipped,
+                "data_fingerprint": sampler.fingerprint(), "tokenizer_hash": tok["hash"],
+                "data_split": sampler.split_digest(), "wandb_id": tracker.run_id, "skipped_steps": health.skipped,
                 "lineage": ckpt.lineage(STAGE, run.dir, at_step, tokens_seen, cfg.digest(), tok["hash"], {
-                    "path": str(Path(cfg.data.path).resolve()), "fingerprint": meta["source_fingerprint"],
-                    "config_digest": meta.get("config_digest"), "tokens": meta["splits"]["train"]["tokens"]},
-                    cfg.init_from, (Path(cfg.data.path), cfg.init_from), result_digest(cfg)),
+                    "path": str(Path(cfg.data.first).resolve()), "fingerprint": sampler.fingerprint(),
+                    "config_digest": meta.get("config_digest"), "tokens": sampler.train_tokens(),
+                    **({"mix": sampler.describe(0)} if len(sampler.paths) > 1 else {})},
+                    cfg.init_from, (*sampler.paths, cfg.init_from), result_digest(cfg)),
                 "card": ckpt.card(STAGE, "text-generation", engine.module, **run.facts(), tokens_seen=tokens_seen,
                                   steps=at_step, global_batch_tokens=tokens_per_step, metrics=metrics,
-                                  data_fingerprint=meta["source_fingerprint"], tokenizer_hash=tok["hash"],
+                                  data_fingerprint=sampler.fingerprint(), tokenizer_hash=tok["hash"],
                                   config_yaml=to_yaml(cfg), parent=str(cfg.init_from) if cfg.init_from else None)}
 
     retention = ckpt.Retention(cfg.train.keep_last, cfg.train.keep_every, (cfg.train.max_steps,))
@@ -250,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         "val_ppl_start": first_eval["val/ppl"] if first_eval else None,
         "val_loss": last_eval.get("val/loss"), "val_ppl": last_eval.get("val/ppl"), "world_size": d.world,
         "zero_stage": plan.zero_stage, "skipped_steps": health.skipped, "checkpoint_save_seconds": save_seconds,
-        "checkpoint_load_seconds": load_seconds, "train_seconds": train_seconds}
+        "checkpoint_load_seconds": load_seconds, "train_seconds": train_seconds,
+        "data_sources": [{**part, "windows_read": n, "share_read": round(n / max(position, 1), 6)} for part, n in
+                         zip(sampler.describe(position), sampler.consumed(position), strict=True)]}
     try:
         diff = ckpt.publish_final(run.dir, module_config, state_dict, probe, engine_logits, device, dtype,
                                   cfg.eval.parity_tolerance, summary)

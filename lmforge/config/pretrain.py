@@ -27,6 +27,15 @@ INJECTED_DS_KEYS = {
 }
 
 
+class MixPart(StrictModel):
+    """One token folder of a blend and its weight."""
+
+    path: Path
+    """Folder written by `lmforge tokenize`."""
+    weight: float = Field(gt=0)
+    """Its share of the training windows (weights are normalised to sum to 1)."""
+
+
 class DataConfig(StrictModel):
     """Token shards written by `lmforge tokenize`."""
 
@@ -34,6 +43,32 @@ class DataConfig(StrictModel):
     """Folder written by `lmforge tokenize` (holds meta.json, tokenizer/, train/, val/)."""
     seq_len: int = Field(1024, ge=8)
     """Tokens per training sequence (packed windows across document boundaries)."""
+
+
+class BlendDataConfig(StrictModel):
+    """Token shards written by `lmforge tokenize`: one folder (`path`) or several blended by weight (`mix`)."""
+
+    path: Path | None = None
+    """Folder written by `lmforge tokenize` (holds meta.json, tokenizer/, train/, val/)."""
+    mix: list[MixPart] | None = Field(None, min_length=1)
+    """Several token folders (one tokenizer), read by weight: [{path: A, weight: 0.7}, {path: B, weight: 0.3}]."""
+    seq_len: int = Field(1024, ge=8)
+    """Tokens per training sequence (packed windows across document boundaries)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BlendDataConfig:
+        if (self.path is None) == (self.mix is None):
+            raise ValueError("set exactly one of `data.path` (one token folder) or `data.mix` (several, by weight)")
+        return self
+
+    def parts(self) -> list[tuple[Path, float]]:
+        """(folder, weight) of every source: a single `path` has weight 1."""
+        return [(self.path, 1.0)] if self.mix is None else [(p.path, p.weight) for p in self.mix]
+
+    @property
+    def first(self) -> Path:
+        """The folder whose tokenizer the model uses (every folder of a blend has the same)."""
+        return self.path if self.path is not None else self.mix[0].path
 
 
 class BatchConfig(StrictModel):
@@ -170,7 +205,7 @@ class PretrainConfig(StrictModel):
 
     run_dir: Path
     """Output folder: config.yaml, metrics.jsonl, checkpoints/, final/, plots/."""
-    data: DataConfig
+    data: BlendDataConfig
     """Tokenized data."""
     model: ModelConfig | None = None
     """Architecture and size (usually `include: ../model/NAME.yaml`); leave out with init_from (the folder says)."""

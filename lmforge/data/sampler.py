@@ -22,10 +22,11 @@ from lmforge.data.shards import ShardError, TokenShards
 class GlobalOrder:
     """A seeded, epoch-by-epoch permutation of `num_items` items, addressed by global position."""
 
-    def __init__(self, num_items: int, seed: int):
+    def __init__(self, num_items: int, seed: int, stream: int = 0):
+        """`stream` tells apart orders drawn with one seed (the sources of a blend); stream 0 is the plain order."""
         if num_items < 1:
             raise ValueError(f"GlobalOrder needs at least one item, got {num_items}")
-        self.num_items, self.seed = int(num_items), seed
+        self.num_items, self.seed, self.stream = int(num_items), seed, stream
         self._epoch, self._order = -1, None
 
     def order(self, epoch: int) -> np.ndarray:
@@ -35,7 +36,7 @@ class GlobalOrder:
         `arange` the same way), built in the narrow dtype: no int64 copy of the whole order on the way."""
         if epoch != self._epoch:
             order = np.arange(self.num_items, dtype=np.uint32 if self.num_items < 2**32 else np.int64)
-            np.random.default_rng([self.seed, epoch]).shuffle(order)
+            np.random.default_rng([self.seed, epoch] + ([self.stream] if self.stream else [])).shuffle(order)
             self._order, self._epoch = order, epoch
         return self._order
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 
-from ..conftest import ROOT, launch, pretrain_config
+from ..conftest import ROOT, launch, pretrain_config, write_yaml
 
 
 def losses(run_dir) -> list[float]:
@@ -157,3 +159,50 @@ def test_init_from_continues_from_an_exported_model(tmp_path, tiny_data):
     lineage = json.loads((tmp_path / "cont" / "final" / "lineage.json").read_text())
     assert lineage["parent"] == str((tmp_path / "base" / "final").resolve())
     assert lineage["upstream"][0]["stage"] == "pretrain"  # the parent's own lineage, carried along
+
+
+def test_a_blend_of_two_token_folders_trains_by_weight_and_resumes_on_another_rank_count(tmp_path, tiny_data,
+                                                                                         tiny_tokenizer):
+    """`data.mix`: two folders (one tokenizer), 0.75/0.25. The run reads them by weight, says so at start, counts
+    what it read per source, and a resume on one rank after a stop on two continues the same stream: the rows
+    trained after the resume are those the uninterrupted run trained."""
+    from lmforge.data.sources import stdlib_files
+    from pretrain import tokenize
+
+    files = [str(p) for p in stdlib_files()[200:260]]
+    other = write_yaml(tmp_path / "tok.yaml", {
+        "out_dir": str(tmp_path / "other"), "sources": [{"type": "files", "paths": files, "format": "txt"}],
+        "tokenizer": {"pretrained": str(tiny_tokenizer)}, "split": {"val_fraction": 0.1}, "workers": 1,
+        "progress": False, "shard_bytes": 1 << 20})
+    assert tokenize.main([str(other)]) == 0
+    mix = {"mix": [{"path": str(tiny_data), "weight": 3}, {"path": str(tmp_path / "other"), "weight": 1}],
+           "path": None}
+    train = {"max_steps": 8, "log_every": 1, "eval_every": 4, "save_every": 4}
+    whole = pretrain_config(tmp_path / "whole.yaml", tiny_data, tmp_path / "whole", train=train)
+    cut = pretrain_config(tmp_path / "cut.yaml", tiny_data, tmp_path / "cut", train=train)
+    for cfg in (whole, cut):
+        data = yaml.safe_load(cfg.read_text())
+        data["data"] = {**{k: v for k, v in data["data"].items() if k != "path"}, **{k: v for k, v in mix.items() if v}}
+        cfg.write_text(yaml.safe_dump(data))
+    (tmp_path / "trace-whole").mkdir()
+    (tmp_path / "trace-cut").mkdir()
+    proc = launch("pretrain", whole, nproc=2, env={"LMFORGE_TRACE_DIR": str(tmp_path / "trace-whole")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data: " in proc.stdout and "75.0% of the windows" in proc.stdout and "25.0% of the windows" in proc.stdout
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert [s["windows_read"] for s in summary["data_sources"]] == [48, 16]  # 8 steps x 8 windows, by weight
+    env = {"LMFORGE_TRACE_DIR": str(tmp_path / "trace-cut")}
+    assert launch("pretrain", cut, "train.max_steps=4", nproc=2, env=env).returncode == 0
+    resumed = launch("pretrain", cut, nproc=1, env=env)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+
+    def rows(run: Path) -> dict:
+        out = {}
+        for trace in sorted(run.glob("trace-*.jsonl")):
+            for line in trace.read_text().splitlines():
+                entry = json.loads(line)
+                out.setdefault(entry["step"], []).extend(map(tuple, entry["rows"]))
+        return {step: sorted(r) for step, r in out.items()}
+
+    assert rows(tmp_path / "trace-whole") == rows(tmp_path / "trace-cut")
+    assert sorted(rows(tmp_path / "trace-cut")) == list(range(1, 9))
