@@ -11,6 +11,8 @@ workers, and each runs in a process of its own so that its peak memory is its ow
                  whole corpus (its per-core rate is compared with encode_batch on one thread)
   lmforge        `python -m pretrain.tokenize` end to end: read files, encode on N workers, write shards
   lmforge-slow   the same with `tokenizer.fast=false`: the pipeline's own overhead on `tokenizers`
+  lmforge-jsonl  the same documents as one JSONL file; with every lmforge run, the main process's CPU per GB
+                 and the worker count at which it saturates (workers' CPU / main's: Amdahl's limit)
   datasets.map   what a user writes today (nanoGPT's prepare.py shape): `load_dataset("text")`,
                  `map(tokenizer, batched=True, num_proc=N)`, then concatenate into one uint16 file
   lmforge xK     lmforge on K copies of the corpus: peak memory must not grow with the input
@@ -181,7 +183,19 @@ def run_lmforge(work: Path, name: str, sources: list, workers: int, fast: bool =
     return {"seconds": summary["total_seconds"], "encode_seconds": summary["encode_seconds"],
             "tokens": summary["tokens"], "bytes": summary["bytes"], "documents": summary["documents"],
             "workers": workers, "encoder": summary["encoder"],
-            "peak_rss_bytes": summary["peak_rss_main_bytes"], "peak_rss_worker_bytes": summary["peak_rss_worker_bytes"]}
+            "peak_rss_bytes": summary["peak_rss_main_bytes"], "peak_rss_worker_bytes": summary["peak_rss_worker_bytes"],
+            "encode_cpu_seconds": summary["encode_cpu_seconds"], "serial_share": summary["serial_share"],
+            "main_cpu_seconds_per_gb": summary["main_cpu_seconds_per_gb"],
+            "workers_at_saturation": summary["workers_at_saturation"]}
+
+
+def jsonl_corpus(work: Path, files: list[Path]) -> Path:
+    """The corpus as one JSONL file of {"text": ...} records: how most downloaded corpora come."""
+    path = work / "corpus.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for text in corpus_texts(files):
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return path
 
 
 def scaled_corpus(work: Path, files: list[Path], copies: int) -> Path:
@@ -253,6 +267,8 @@ def main() -> int:
         ("fast_path_1thread", lambda: run_child("fast_path", work, args)),
         ("lmforge", lambda: run_lmforge(work, "lmforge", sources, args.workers)),
         ("lmforge_tokenizers", lambda: run_lmforge(work, "lmforge_slow", sources, args.workers, fast=False)),
+        ("lmforge_jsonl", lambda: run_lmforge(work, "lmforge_jsonl", [
+            {"type": "files", "paths": [str(jsonl_corpus(work, files))]}], args.workers)),
         ("datasets_map", lambda: run_child("datasets_map", work, args, {"TOKENIZERS_PARALLELISM": "false"})),
     ]
     for name, step in steps:
@@ -277,6 +293,12 @@ def main() -> int:
         "lmforge_vs_datasets_map": round(mb["lmforge"] / mb["datasets_map"], 2),
         "fast_path_vs_encode_batch_per_core": round(mb["fast_path_1thread"] / mb["encode_batch_1thread"], 2),
         "lmforge_tokenizers_vs_encode_batch": round(mb["lmforge_tokenizers"] / mb["encode_batch"], 2),
+        "lmforge_jsonl_vs_encode_batch": round(mb["lmforge_jsonl"] / mb["encode_batch"], 2),
+        # the main process's CPU per GB of input and where more workers stop helping (issue 12, item 9)
+        "main_cpu_seconds_per_gb_files": results["lmforge"]["main_cpu_seconds_per_gb"],
+        "main_cpu_seconds_per_gb_jsonl": results["lmforge_jsonl"]["main_cpu_seconds_per_gb"],
+        "workers_at_saturation_files": results["lmforge"]["workers_at_saturation"],
+        "workers_at_saturation_jsonl": results["lmforge_jsonl"]["workers_at_saturation"],
     }
     if args.scale > 1:
         big, small = results[f"lmforge_x{args.scale}"], results["lmforge"]
@@ -334,6 +356,7 @@ def write_table(report: dict, path: Path) -> None:
         row("lmforge fast path", "fast_path_1thread", "encode in memory, 1 thread, identical ids"),
         row("**lmforge tokenize**", "lmforge", "read files, encode, write shards (end to end)"),
         row("lmforge tokenize, `fast=false`", "lmforge_tokenizers", "the same on `tokenizers`"),
+        row("lmforge tokenize, JSONL", "lmforge_jsonl", "the same documents as one JSONL file (end to end)"),
         row("`datasets.map` + concatenate", "datasets_map", "nanoGPT `prepare.py` shape (end to end)"),
     ]
     if f"lmforge_x{scale}" in r:
@@ -348,6 +371,14 @@ def write_table(report: dict, path: Path) -> None:
         f"{ratio['fast_path_vs_encode_batch_per_core']:.2f}x | >= 3.0x |",
         f"| lmforge on `tokenizers` / raw encode_batch (pipeline overhead) | "
         f"{ratio['lmforge_tokenizers_vs_encode_batch']:.2f}x | |",
+    ]
+    lines += [
+        f"| the main process's CPU per GB of input, built-in corpus (files) | "
+        f"{ratio['main_cpu_seconds_per_gb_files']:.1f} s | |",
+        f"| the main process's CPU per GB of input, JSONL | {ratio['main_cpu_seconds_per_gb_jsonl']:.1f} s | |",
+        f"| workers before the main process saturates (workers' CPU / main's), files | "
+        f"{ratio['workers_at_saturation_files']:.1f} | |",
+        f"| workers before the main process saturates, JSONL | {ratio['workers_at_saturation_jsonl']:.1f} | |",
     ]
     if "peak_rss_main_growth_at_scale" in ratio:
         lines += [f"| lmforge past start-up ({ratio['lmforge_marginal_mb_per_s']:.1f} MB/s, from the 1x and {scale}x runs) "

@@ -20,7 +20,6 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from lmforge import atomic
 from lmforge.config import save_config, to_yaml
 from lmforge.config.command import parse_command
 from lmforge.config.tokenize import TokenizeConfig
-from lmforge.data.shards import FORMAT, SPLITS, ShardError, read_meta, token_dtype, write_shard
+from lmforge.data.shards import FORMAT, SPLITS, ShardError, read_meta, token_dtype
 from lmforge.data.sources import (
     DataError,
     Policy,
@@ -52,24 +51,20 @@ from lmforge.tokenizer import (
     save_folder,
     train_bpe,
 )
+from pretrain.chunks import (
+    chunked,
+    encode_chunk,
+    finished_record,
+    init_worker,
+    input_listing,
+    listing_change,
+    per_source,
+    read_json,
+)
 
 VERIFY_DOCS = 256  # documents checked for fast-encoder/tokenizers id identity at start-up...
 VERIFY_BYTES = 2 * 2**20  # ...up to this much text (bytes): ~0.4 s, a fixed cost of every run...
 VERIFY_DOC_BYTES = 256 * 2**10  # ...each document cut to this: `tokenizers` holds ~140 bytes per character encoded
-
-
-@dataclass
-class Chunk:
-    index: int
-    docs: list[str] = field(default_factory=list)
-    val: list[bool] = field(default_factory=list)
-    sources: list[int] = field(default_factory=list)  # the source each document came from (per-source counts)
-    nbytes: int = 0
-    hasher: object = field(default_factory=lambda: hashlib.blake2b(digest_size=16))
-
-    @property
-    def digest(self) -> str:
-        return self.hasher.hexdigest()
 
 
 def part_arg(text: str) -> tuple[int, int]:
@@ -221,9 +216,10 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed / 1e6:.2f}M tok/s", refresh=False)
 
     encode_start = time.time()
+    cpu_start = cpu_seconds()
     context = multiprocessing.get_context("spawn")  # not fork: the parent may hold tokenizers' threads
     init = (tokenizer_json, encoder.kind == "tiktoken", eos_id, dtype.str, vocab_size, str(out))
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=init) as pool:
         pending: dict = {}
         try:
             for chunk in chunked(read_sources(readers, policy), cfg.shard_bytes, val_cut, cfg.dedup == "exact",
@@ -255,6 +251,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
                 bar.total = max(bar.total, bar.n)
             bar.close()
     encode_seconds = time.time() - encode_start
+    main_cpu, worker_cpu = (end - begin for end, begin in zip(cpu_seconds(), cpu_start, strict=True))
     if part is not None:
         print(f"[tokenize] part {part[0]}/{part[1]}: {len(records)} chunks ({resumed} already done), {tokens:,} "
               f"tokens in {encode_seconds:.1f} s; meta.json comes from a plain run once every part is done")
@@ -315,6 +312,12 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         "mb_per_s": round(nbytes / 1e6 / max(encode_seconds, 1e-9), 2),
         "tokens_per_s": round(tokens / max(encode_seconds, 1e-9)),
         "peak_rss_main_bytes": peak_main, "peak_rss_worker_bytes": peak_worker,
+        # the serial share: what the main process spends (reading, parsing, hashing, sending) against the
+        # workers' encoding; past workers_at_saturation more workers cannot go faster (Amdahl)
+        "encode_cpu_seconds": {"main": round(main_cpu, 3), "workers": round(worker_cpu, 3)},
+        "main_cpu_seconds_per_gb": round(main_cpu / max(nbytes / 1e9, 1e-12), 2),
+        "serial_share": round(main_cpu / max(main_cpu + worker_cpu, 1e-9), 4),
+        "workers_at_saturation": round(worker_cpu / max(main_cpu, 1e-9), 1),
     }
     atomic.write_json(out / "summary.json", summary)
     skipped = ", ".join(f"{k} {v}" for k, v in meta["skipped"].items()) or "none"
@@ -330,6 +333,14 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
           f"with {workers} workers ({encoder.kind}); peak RSS main {describe_bytes(peak_main)}, "
           f"worker {describe_bytes(peak_worker)}; {summary['total_seconds']:.1f} s in all")
     return 0
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(this process's CPU seconds, its reaped children's): user + system."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def prepass(cfg: TokenizeConfig, readers, need_sample: bool) -> tuple[list[str], float]:
@@ -389,140 +400,6 @@ def prepass(cfg: TokenizeConfig, readers, need_sample: bool) -> tuple[list[str],
     val_cut = float(np.nextafter(-val_heap[0], 1.0)) if want_val else cfg.split.val_fraction
     sample = [text for _, _, pos, _, text in sorted(heap, key=lambda e: e[1]) if pos >= val_cut]  # corpus order
     return sample, val_cut
-
-
-def chunked(documents, shard_bytes: int, val_cut: float, dedup: bool = False, policy: Policy | None = None):
-    """Group (source, document) pairs into chunks of about `shard_bytes` UTF-8 bytes; the same input always gives
-    the same chunks, which is what makes resume and parallel encoding deterministic. With `dedup`, a document
-    whose hash was seen before is dropped (counted in `policy.skipped["duplicate"]`): the first copy stays."""
-    chunk = Chunk(0)
-    seen: set[int] = set()
-    for source, text in documents:
-        data = text.encode("utf-8")
-        digest = doc_hash(data)
-        if dedup:
-            key = int.from_bytes(digest[8:16], "little")  # 8 bytes: a first false duplicate is unlikely below ~1e9
-            if key in seen:
-                policy.skipped["duplicate"] += 1
-                continue
-            seen.add(key)
-        chunk.docs.append(text)
-        chunk.sources.append(source)
-        chunk.val.append(hash_fraction(digest) < val_cut)
-        chunk.nbytes += len(data)
-        chunk.hasher.update(digest)
-        if chunk.nbytes >= shard_bytes:
-            yield chunk
-            chunk = Chunk(chunk.index + 1)
-    if chunk.docs:
-        yield chunk
-
-
-def finished_record(out: Path, chunk: Chunk, dtype: np.dtype, binding: dict) -> dict | None:
-    """The completion record of a chunk a previous run finished, if it holds exactly these documents, split by
-    the same cut and encoded by the same tokenizer (an input that changed moves `split.val_docs`' cut)."""
-    path = out / "chunks" / f"{chunk.index:06d}.json"
-    if not path.exists():
-        return None
-    record = read_json(path)
-    if record.get("digest") != chunk.digest or any(record.get(k) != v for k, v in binding.items()):
-        return None
-    for split in SPLITS:
-        shard = record.get(split)
-        if shard and (not (out / shard["file"]).exists()
-                      or (out / shard["file"]).stat().st_size != shard["tokens"] * dtype.itemsize):
-            return None
-    return record
-
-
-def per_source(records: dict[int, dict], readers) -> list[dict]:
-    """Documents and tokens (EOS included) each source contributed, summed over the chunk records."""
-    out = [{"source": r.describe(), "documents": 0, "tokens": 0} for r in readers]
-    for record in records.values():
-        for source, (documents, tokens) in record.get("sources", {}).items():
-            out[int(source)]["documents"] += documents
-            out[int(source)]["tokens"] += tokens
-    return out
-
-
-def input_listing(readers) -> dict[str, list[int]]:
-    """Every input file with its size and modification time (ns): how a resume sees that the input changed."""
-    out = {}
-    for reader in readers:
-        for path in reader.files() if hasattr(reader, "files") else []:
-            st = path.stat()
-            out[str(path)] = [st.st_size, st.st_mtime_ns]
-    return out
-
-
-def listing_change(before: dict | None, now: dict) -> str:
-    """'3 files added, 1 changed, 2 removed', or '' when the listing is the same (or was not recorded)."""
-    if before is None:
-        return ""
-    counts = {"added": len(now.keys() - before.keys()), "removed": len(before.keys() - now.keys()),
-              "changed": sum(1 for k in now.keys() & before.keys() if list(before[k]) != list(now[k]))}
-    return ", ".join(f"{n:,} file{'s' * (n != 1)} {what}" for what, n in counts.items() if n)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-# -- worker processes ----------------------------------------------------------------------------
-_WORKER: dict = {}
-
-
-def _init_worker(tokenizer_json: str, fast: bool, eos_id: int, dtype: str, vocab_size: int, out: str) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested threads
-    _WORKER.update(encoder=Encoder(tokenizer_json, fast=fast), eos=eos_id, dtype=np.dtype(dtype),
-                   vocab=vocab_size, out=Path(out))
-
-
-def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str, binding: dict,
-                 sources: list[int] | None = None) -> dict:
-    """Encode one chunk, write its train and val shards, then its completion record (in that order)."""
-    w = _WORKER
-    try:
-        encoded = w["encoder"].encode_many(docs)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # noqa: BLE001 - a panic in the Rust encoder is a BaseException: name the document
-        for i, text in enumerate(docs):
-            try:
-                w["encoder"].encode(text)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException:  # noqa: BLE001
-                raise DataError(f"the tokenizer failed on document {i + 1} of chunk {index} ({len(text):,} "
-                                f"characters, starting {text[:60]!r}): {type(e).__name__}: {e}; leave it out of the "
-                                "input, or set max_document_bytes lower") from None
-        raise DataError(f"the tokenizer failed on chunk {index}: {type(e).__name__}: {e}") from None
-    record = {"index": index, "digest": digest, **binding}
-    by_source: dict[str, list[int]] = {}  # source index -> [documents, tokens with their EOS]
-    for ids, source in zip(encoded, sources or [0] * len(docs), strict=True):
-        counts = by_source.setdefault(str(source), [0, 0])
-        counts[0] += 1
-        counts[1] += ids.size + 1
-    record["sources"] = by_source
-    for split, want in (("train", False), ("val", True)):
-        pieces = [ids for ids, is_val in zip(encoded, val, strict=True) if is_val == want]
-        if not pieces:
-            record[split] = None
-            continue
-        ends = np.cumsum([p.size + 1 for p in pieces], dtype=np.uint64)
-        tokens = np.empty(int(ends[-1]), dtype=w["dtype"])
-        start = 0
-        for ids, end in zip(pieces, ends, strict=True):
-            tokens[start:start + ids.size] = ids
-            tokens[int(end) - 1] = w["eos"]
-            start = int(end)
-        top = max((int(p.max()) for p in pieces if p.size), default=0)
-        if top >= w["vocab"]:
-            raise DataError(f"token id {top} >= vocab size {w['vocab']}: the tokenizer is inconsistent")
-        record[split] = write_shard(w["out"], split, index, tokens, ends)
-    atomic.write_json(w["out"] / "chunks" / f"{index:06d}.json", record)
-    fallbacks, w["encoder"].fallbacks = w["encoder"].fallbacks, 0
-    return {**record, "peak_rss": peak_rss(), "fallbacks": fallbacks}
 
 
 if __name__ == "__main__":

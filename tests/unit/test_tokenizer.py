@@ -169,7 +169,7 @@ def test_long_runs_and_blobs_encode_in_seconds_with_the_reference_ids(llama3_sty
 
 def test_an_encoder_failure_names_the_document(tiny_tokenizer, tmp_path):
     from lmforge.data.sources import DataError
-    from pretrain import tokenize
+    from pretrain import chunks
 
     class Panics(Encoder):
         def encode(self, text):
@@ -180,10 +180,10 @@ def test_an_encoder_failure_names_the_document(tiny_tokenizer, tmp_path):
         def encode_many(self, texts):
             return [self.encode(t) for t in texts]
 
-    tokenize._init_worker((tiny_tokenizer / "tokenizer.json").read_text(), True, 0, "<u2", 512, str(tmp_path))
-    tokenize._WORKER["encoder"] = Panics((tiny_tokenizer / "tokenizer.json").read_text())
+    chunks.init_worker((tiny_tokenizer / "tokenizer.json").read_text(), True, 0, "<u2", 512, str(tmp_path))
+    chunks._WORKER["encoder"] = Panics((tiny_tokenizer / "tokenizer.json").read_text())
     with pytest.raises(DataError, match=r"document 2 of chunk 7 \(9 characters, starting 'boom here'\)"):
-        tokenize.encode_chunk(7, ["fine", "boom here"], [False, False], "d", {})
+        chunks.encode_chunk(7, ["fine", "boom here"], [False, False], "d", {})
 
 
 def test_ignore_merges_decides_whether_a_whole_token_piece_may_skip_the_merges():
