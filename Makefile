@@ -5,8 +5,9 @@
 #   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"   # CUDA 12.8
 # A changed TORCH_SPEC reinstalls torch in the existing .venv (it is remembered in .venv/.torch-spec).
 PYTHON     ?= python3
-TORCH_SPEC ?= torch==2.13.0
 VENV       ?= .venv
+# the build the venv holds stays unless a TORCH_SPEC is given: `make test` after a CUDA setup keeps the CUDA build
+TORCH_SPEC ?= $(shell cat $(VENV)/.torch-spec 2>/dev/null || echo torch==2.13.0)
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.lmforge-installed
 PYTEST_ARGS ?=

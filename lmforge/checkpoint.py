@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from lmforge import atomic
+from lmforge.config.base import DIGEST_VERSION
 
 FORMAT = "lmforge-checkpoint/1"
 RECORD = "lmforge.json"
@@ -476,7 +477,8 @@ def lineage(stage: str, run_dir: Path, step: int, tokens: int, config_digest: st
     tools that follow a chain on this cluster; `lmforge push` shortens them in what it uploads."""
     return {
         "stage": stage, "run_dir": str(Path(run_dir).resolve()), "step": step, "tokens": tokens,
-        "config_digest": config_digest, "result_digest": result_digest, "git_commit": git_commit(),
+        "config_digest": config_digest, "result_digest": result_digest, "digest_version": DIGEST_VERSION,
+        "git_commit": git_commit(),
         "checkpoint": str((Path(run_dir) / "checkpoints" / tag_for(step)).resolve()),
         "parent": str(Path(parent).resolve()) if parent else None, "tokenizer_hash": tokenizer_hash,
         "data": data,

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lmforge.config import ConfigError, load_config
-from lmforge.config.base import RUN_ONLY, result_digest
+from lmforge.config.base import DIGEST_VERSION, RUN_ONLY, result_digest
 from lmforge.config.pipeline import TRAINING_KINDS
 
 
@@ -60,13 +60,13 @@ def state(kind: str, config, output: Path, source: str | None = None, receipt: P
     if kind == "tokenize":
         meta = read_json(out / "meta.json")
         if meta is not None:
-            if meta.get("config_digest") == config.output_digest():
+            if meta.get("config_digest") == config.output_digest() or older_match(meta, out, config):
                 return "done", f"{out}/meta.json matches this config"
             return "changed", f"{out} holds tokens of another config: " + differences(
                 meta.get("config", {}), config.model_dump(mode="json", exclude={"out_dir", "workers", "progress"}))
         state = read_json(out / "chunks" / "state.json")
         if state is not None:
-            if state.get("config_digest") != config.output_digest():
+            if state.get("config_digest") != config.output_digest() and not older_match(state, out, config):
                 return "changed", f"{out} holds a stopped run of another config"
             return "partial", "stopped part-way: resumes"
         return "new", "not run yet"
@@ -76,6 +76,7 @@ def state(kind: str, config, output: Path, source: str | None = None, receipt: P
         if lineage is not None:
             made, steps, want = lineage.get("result_digest"), lineage.get("step"), config.train.max_steps
             same = made == result_digest(config) if made else lineage.get("config_digest") == config.digest()
+            same = same or older_match(lineage, out, config, result_digest)
             if not same:
                 return "changed", f"{out}/final was made from another config: " + differences(
                     result_config(out / "config.yaml", kind), config.model_dump(mode="json", exclude=RUN_ONLY))
@@ -106,6 +107,19 @@ def state(kind: str, config, output: Path, source: str | None = None, receipt: P
     if {k: made.get(k) for k in want} == want:
         return "done", f"pushed to {repo_id}@{want['revision']}"
     return "changed", f"{source} changed since it was pushed"
+
+
+def older_match(record: dict, out: Path, config, digest=None) -> bool:
+    """Whether a record written by an older lmforge (digest version 1: every value hashed, a key added since
+    counted as a change) was made from this config: the config.yaml saved beside it, read with today's schema
+    (keys added since at their defaults), gives today's digest. Upgrading lmforge does not make outputs stale."""
+    if record.get("digest_version", 1) >= DIGEST_VERSION:
+        return False
+    digest = digest or (lambda c: c.output_digest())
+    try:
+        return digest(load_config(out / "config.yaml", type(config))) == digest(config)
+    except (ConfigError, OSError):
+        return False
 
 
 def result_config(path: Path, kind: str) -> dict:

@@ -92,7 +92,10 @@ def input_listing(readers) -> dict[str, list[int]]:
     out = {}
     for reader in readers:
         for path in reader.files() if hasattr(reader, "files") else []:
-            st = path.stat()
+            try:
+                st = path.stat()
+            except OSError:  # gone since it was listed: the reading reports it
+                continue
             out[str(path)] = [st.st_size, st.st_mtime_ns]
     return out
 

@@ -26,7 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge import atomic
+from lmforge.completion import older_match
 from lmforge.config import save_config, to_yaml
+from lmforge.config.base import DIGEST_VERSION
 from lmforge.config.command import parse_command
 from lmforge.config.tokenize import TokenizeConfig
 from lmforge.data.shards import FORMAT, SPLITS, ShardError, read_meta, token_dtype
@@ -113,13 +115,13 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
             done = read_meta(out)
         except ShardError as e:
             raise DataError(f"{e}: out_dir {out} holds something else; choose another out_dir") from None
-        if done.get("config_digest") == digest:
+        if done.get("config_digest") == digest or older_match(done, out, cfg):
             print(f"[tokenize] {out} is already complete for this config; nothing to do")
             return 0
         raise DataError(f"{out} holds finished output of a different config; choose another out_dir "
                         "or delete that folder")
     state = out / "chunks" / "state.json"
-    if state.exists() and read_json(state).get("config_digest") != digest:
+    if state.exists() and read_json(state).get("config_digest") != digest and not older_match(read_json(state), out, cfg):
         raise DataError(f"{out} holds a partial run of a different config; choose another out_dir or delete "
                         "that folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +134,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         if change:
             print(f"[tokenize] the input changed since the partial run in {out} ({change}): chunks whose "
                   "documents, split or tokenizer differ are encoded again, the rest are kept", file=sys.stderr)
-    atomic.write_json(state, {"config_digest": digest, "inputs": listing})
+    atomic.write_json(state, {"config_digest": digest, "digest_version": DIGEST_VERSION, "inputs": listing})
     for reader in readers:
         print(f"[tokenize] source: {reader.describe()}")
 
@@ -283,10 +285,11 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         "dedup": cfg.dedup,
         "bytes": nbytes,
         "skipped": dict(sorted(policy.skipped.items())),
-        "skipped_files": policy.skipped_files,
+        "skipped_files": dict(list(policy.skipped_files.items())[:1000]),  # all of them in summary.json
         "split_documents": policy.split_documents,
         "utf8_replaced_documents": policy.replaced_docs,
         "config_digest": digest,
+        "digest_version": DIGEST_VERSION,
         "config": cfg.model_dump(mode="json", exclude={"out_dir", "workers", "progress"}),
     }
     atomic.write_json(out / "meta.json", meta)

@@ -66,7 +66,7 @@ def _read_tree(path: Path, stack: tuple[Path, ...], prefix: KeyPath, where: dict
         return {}
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{path}:{node.start_mark.line + 1}: a config file must be a mapping of keys to values")
-    return _walk(node, path, (*stack, path), prefix, where, switched or {})
+    return _walk(node, path, (*stack, path), prefix, where, switched if switched is not None else Switched())
 
 
 class TextInt(int):
@@ -139,16 +139,26 @@ def _walk(node: yaml.Node, file: Path, stack: tuple[Path, ...], keypath: KeyPath
             continue
         own[key] = _walk(value_node, file, stack, (*keypath, key), where, switched)
         where[(*keypath, key)] = f"{file}:{line}"
-    if keypath in switched:
-        includes = [(name, 0) for name in switched.pop(keypath)]  # absolute paths, from the command line
+    if keypath in switched:  # at every level: a file included by an included file may name it too
+        includes = [(name, 0) for name in switched[keypath]]  # absolute paths, from the command line
+        switched.used.add(keypath)
     merged: dict[str, Any] = {}
     for name, line in includes:
         target = Path(os.path.expanduser(name))
         target = target if target.is_absolute() else file.parent / target
         if not target.exists():
             raise ConfigError(f"{file}:{line}: included file not found: {name} (looked for {target})")
-        merged = _merge(merged, _read_tree(target, stack, keypath, where))
+        # what the command line includes is read as it is (no switch inside it: it would include itself)
+        merged = _merge(merged, _read_tree(target, stack, keypath, where, switched if line else None))
     return _merge(merged, own)
+
+
+class Switched(dict):
+    """keypath -> include paths from the command line; `used` holds the keypaths a file had a section at."""
+
+    def __init__(self):
+        super().__init__()
+        self.used: set = set()
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -297,7 +307,7 @@ def load_config(path: str | os.PathLike, schema: type[M], overrides: typing.Sequ
     An override of an include (`model.include=configs/model/124m.yaml`, a path relative to the working directory,
     or a [list]) replaces what the file includes in that section; the section's own keys still win."""
     where: dict = {}
-    switched, rest = {}, []
+    switched, rest = Switched(), []
     for text in overrides:
         key, sep, raw = text.partition("=")
         parts = key.split(".")
@@ -311,7 +321,9 @@ def load_config(path: str | os.PathLike, schema: type[M], overrides: typing.Sequ
         else:
             rest.append(text)
     data = _read_tree(Path(path), (), (), where, switched)
-    for keypath, names in switched.items():  # a section the file does not have: made from the included files
+    for keypath, names in switched.items():  # a section no file has: made from the included files
+        if keypath in switched.used:
+            continue
         node: Any = data
         for part in keypath:
             node = node.setdefault(part, {}) if isinstance(node, dict) else None

@@ -69,13 +69,16 @@ class TrainTokenizer(StrictModel):
     """Special tokens; the first one is the end-of-document (EOS) token."""
     pad_token: str | None = "<|pad|>"
     """The special token that pads batches (one of special_tokens), or null for none (fine-tuning then pads with
-    EOS)."""
+    EOS). Left unset with special_tokens that lack `<|pad|>`: the second special token, if any (as before
+    pad_token existed); the resolved config says which."""
     sample_bytes: int = Field(256_000_000, ge=1)
     """Cap on the text used for training, in UTF-8 bytes (train documents only, by a hash independent of the
     split's)."""
 
     @model_validator(mode="after")
     def _pad_is_special(self) -> TrainTokenizer:
+        if "pad_token" not in self.model_fields_set and self.pad_token not in self.special_tokens:
+            self.pad_token = self.special_tokens[1] if len(self.special_tokens) > 1 else None
         if self.pad_token is not None and self.pad_token not in self.special_tokens:
             raise ValueError(f"pad_token {self.pad_token!r} is not one of special_tokens {self.special_tokens}; "
                              "add it there or set pad_token: null")

@@ -29,13 +29,15 @@ BLOCK = 65_536  # slots per schedule block: each source's share is its weight to
 
 def slots(weights: list[float], block: int = BLOCK) -> np.ndarray:
     """Each source's slots per block: proportional to its weight, at least one, summing to `block`."""
+    if len(weights) > block // 2:
+        raise ShardError(f"a blend of {len(weights)} sources: at most {block // 2} (each needs a slot per block)")
     w = np.asarray(weights, dtype=np.float64) / sum(weights)
     raw = w * block
     counts = np.maximum(np.floor(raw).astype(np.int64), 1)
     while counts.sum() < block:  # largest remainders first
         counts[int(np.argmax(raw - counts))] += 1
-    while counts.sum() > block:
-        counts[int(np.argmax(counts - raw))] -= 1
+    while counts.sum() > block:  # raising tiny weights to one slot overshot: take from those that keep one
+        counts[int(np.argmax(np.where(counts > 1, counts - raw, -np.inf)))] -= 1
     return counts
 
 
@@ -54,6 +56,16 @@ def schedule(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return source, before
 
 
+def vocabulary(folder: Path) -> str:
+    """The identity of a token folder's vocabulary (its tokenizer/tokenizer.json, canonically), or its meta hash."""
+    from lmforge.tokenizer import vocabulary_hash
+
+    try:
+        return vocabulary_hash(Path(folder) / "tokenizer")
+    except FileNotFoundError:
+        return read_meta(folder)["tokenizer"]["hash"]
+
+
 class Blend:
     """The training windows of one or more token folders, blended by weight; checks that they share a tokenizer."""
 
@@ -64,7 +76,8 @@ class Blend:
         self.metas = [read_meta(p) for p in self.paths]
         first = self.metas[0]["tokenizer"]
         for path, meta in zip(self.paths[1:], self.metas[1:], strict=True):
-            if meta["tokenizer"]["hash"] != first["hash"]:
+            # the vocabulary decides (a tokenizer saved twice may differ in its tokenizer_config.json)
+            if (vocabulary(path), meta["tokenizer"]["eos_id"]) != (vocabulary(self.paths[0]), first["eos_id"]):
                 raise ShardError(f"{path} was tokenized with another tokenizer (hash {meta['tokenizer']['hash']}) "
                                  f"than {self.paths[0]} ({first['hash']}): a blend needs one tokenizer; tokenize both "
                                  "with the same `tokenizer.pretrained`")
@@ -135,7 +148,8 @@ class Blend:
     def fingerprint(self) -> str:
         if len(self.paths) == 1:
             return self.meta["source_fingerprint"]
-        parts = [[m["source_fingerprint"], w] for m, w in zip(self.metas, self.weights, strict=True)]
+        total = sum(self.weights)  # normalised: weights 7 and 3 are the blend 0.7 and 0.3
+        parts = [[m["source_fingerprint"], round(w / total, 9)] for m, w in zip(self.metas, self.weights, strict=True)]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
     def split_digest(self) -> str:

@@ -103,7 +103,8 @@ def lines(path: Path, limit: int = -1) -> Iterator[tuple[int, int, bytes]]:
                 number += line.endswith(b"\n")
             return
         offset, number = 0, 1
-        text = io.TextIOWrapper(raw, encoding=encoding, newline="")  # the codec reads and drops the BOM
+        # the codec reads and drops the BOM; a bad code unit becomes U+FFFD (as invalid UTF-8 does by default)
+        text = io.TextIOWrapper(raw, encoding=encoding, newline="", errors="replace")
         try:
             while line := text.readline(limit):
                 data = line.encode("utf-8", errors="surrogatepass")
@@ -112,6 +113,26 @@ def lines(path: Path, limit: int = -1) -> Iterator[tuple[int, int, bytes]]:
                 number += line.endswith("\n")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: invalid {encoding.upper()} after its byte-order mark: {e.reason}") from None
+
+
+def whole_lines(path: Path, cap: int) -> Iterator[tuple[int, int, bytes | None]]:
+    """(number, offset, line) of each line of at most `cap` bytes; for a longer line, (number, offset, None), read
+    past in pieces and never held whole."""
+    held: list[bytes] | None = None
+    size = start = 0
+    for number, offset, piece in lines(path, limit=cap + 1 if cap > 0 else -1):
+        if held is None:
+            held, size, start = [], 0, offset
+        size += len(piece)
+        if cap <= 0 or size <= cap:
+            held.append(piece)
+        else:
+            held = held and []  # over the cap: drop what was held, keep reading to the line's end
+        if piece.endswith(b"\n"):
+            yield number, start, (b"".join(held) if cap <= 0 or size <= cap else None)
+            held = None
+    if held is not None:
+        yield number, start, (b"".join(held) if cap <= 0 or size <= cap else None)
 
 
 class FilesReader(Reader):
@@ -137,8 +158,10 @@ class FilesReader(Reader):
                 if glob.has_magic(pattern):
                     matches = self._data([Path(p) for p in glob.glob(pattern, recursive=True)], glob_root(pattern),
                                          f"source '{pattern}': the pattern matches no data files")
-                elif Path(pattern).is_dir():
-                    matches = self._data(list(Path(pattern).rglob("*")), Path(pattern),
+                elif Path(pattern).is_dir():  # listed as its `**` glob is: the same files (symlinked folders too)
+                    below = glob.glob(os.path.join(glob.escape(pattern), "**", "*"), recursive=True)
+                    hidden = [p for p in Path(pattern).rglob(".*")]  # glob leaves these out: counted as left out
+                    matches = self._data([Path(p) for p in below] + hidden, Path(pattern),
                                          f"source '{pattern}': the folder holds no data files")
                 elif Path(pattern).exists():
                     matches = [Path(pattern)]
@@ -165,7 +188,11 @@ class FilesReader(Reader):
                 raise DataError(f"{path}: file is not readable (permission denied)")
             kind = format_of(path, self.spec.format)
             if kind == "csv":
-                header = next(csv.reader(line.decode("utf-8", errors="replace") for _, _, line in lines(path)), None)
+                try:
+                    header = next(csv.reader(line.decode("utf-8", errors="replace") for _, _, line in lines(path)),
+                                  None)
+                except READ_ERRORS as e:
+                    raise DataError(f"{path}: cannot read: {e}") from None
                 if header is not None and self.spec.text_field not in header:
                     raise DataError(f"{path}: no column '{self.spec.text_field}'; columns are {header} "
                                     f"(set text_field to the column holding the text)")
@@ -234,9 +261,14 @@ class FilesReader(Reader):
             for i, record in enumerate(records if isinstance(records, list) else []):
                 yield from self._record(record, f"{path}: record {i + 1}", policy)
             return
-        yield from self._line(*first, path, policy)
-        for number, offset, raw in numbered:
-            if raw.strip():
+        numbered.close()
+        cap = policy.max_document_bytes
+        # a record is not split: a line longer than twice the document cap (JSON escapes lengthen text) is
+        # skipped whole, never held whole in memory
+        for number, offset, raw in whole_lines(path, 2 * cap + 2**20 if cap else -1):
+            if raw is None:
+                policy.skipped["too_long"] += 1
+            elif raw.strip():
                 yield from self._line(number, offset, raw, path, policy)
 
     def _line(self, number: int, offset: int, raw: bytes, path: Path, policy: Policy) -> Iterator[str]:

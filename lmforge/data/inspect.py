@@ -47,10 +47,13 @@ def report(data_dir: Path, split: str = "train", document: int = 0, tokens: int 
     ids = data.document(document)[:tokens].tolist()
     from tokenizers import Tokenizer
 
-    decoder = Tokenizer.from_file(str(data_dir / tok["path"] / "tokenizer.json"))
     lines += [f"sample: {split} document {document:,} of {data.num_documents:,}, its first {len(ids)} tokens:",
-              f"ids: {ids[:24]}{' ...' if len(ids) > 24 else ''}",
-              "text:", decoder.decode(ids, skip_special_tokens=False)]
+              f"ids: {ids[:24]}{' ...' if len(ids) > 24 else ''}"]
+    path = data_dir / tok["path"] / "tokenizer.json"
+    try:
+        lines += ["text:", Tokenizer.from_file(str(path)).decode(ids, skip_special_tokens=False)]
+    except Exception as e:  # tokenizers raises a bare Exception for a missing or unreadable file
+        lines.append(f"(no decoded text: cannot load {path}: {e})")
     return "\n".join(lines)
 
 

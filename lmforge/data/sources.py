@@ -115,9 +115,19 @@ class Policy:
         if len(data) <= cap:
             yield text
             return
-        gather = Gather(self, reader.describe(), strip=False)
-        yield from gather.add(data, gather.where, 0)
-        yield from gather.end()
+        if self.long_documents == "skip":
+            self.skipped["too_long"] += 1
+            return
+        self.split_documents += 1
+        start = 0  # cut with a moving offset: linear in the document, one piece copied at a time
+        while start < len(data):
+            window = data[start:start + cap]
+            cut = len(window) if start + cap >= len(data) else (
+                window.rfind(b"\n", cap // 2) + 1 or utf8_boundary(window) or cap)
+            piece = window[:cut].decode("utf-8", errors="replace")
+            start += cut
+            if self.keep(piece):
+                yield piece
 
     def keep(self, text: str) -> bool:
         if text.strip():

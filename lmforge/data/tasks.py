@@ -78,7 +78,8 @@ def _docstrings(exclude_tests: bool) -> tuple[dict, ...]:
     gc.disable()  # millions of short-lived tree nodes, no cycles: the collector would rescan them for nothing
     try:
         for path in stdlib_files(exclude_tests):
-            text = path.read_bytes().decode("utf-8", errors="replace")  # as tokenization decodes a file
+            # as tokenization decodes a file (a UTF-8 byte-order mark dropped): the split hashes must agree
+            text = path.read_bytes().decode("utf-8", errors="replace").removeprefix("\ufeff")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # invalid escape sequences in old test files
                 try:

@@ -280,7 +280,7 @@ def test_the_tokenizer_sample_is_train_text_under_a_real_cap(tmp_path):
                              tokenizer={"train": {"vocab_size": 300, "sample_bytes": 20_000}}, split=split)
         sample, cut = tokenize.prepass(cfg, [open_source(s) for s in cfg.sources], need_sample=True)
         val = {t for t in texts if hash_fraction(doc_hash(t.encode())) < cut}
-        assert len(val) == (120 if "val_docs" in split else len(val)) and len(val) > 60
+        assert len(val) == 120 if "val_docs" in split else 90 < len(val) < 150  # ~30% of 400
         assert sample and not val & set(sample)  # no validation document in the tokenizer's sample
         held_out = len(val) / 400 if "val_docs" in split else 0.0  # the cut comes at the end: they leave then
         assert 0.9 * (1 - held_out) * 20_000 < sum(len(t.encode()) for t in sample) <= 20_000  # filled, capped

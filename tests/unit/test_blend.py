@@ -33,6 +33,11 @@ def test_one_folder_is_the_plain_window_order(tmp_path):
     blend, plain = Blend([(a, 1.0)], seq_len=10, seed=3), WindowSampler(TokenShards(a, "train"), 10, 3)
     positions = list(range(0, 2000, 7))
     assert (blend.batch(positions) == plain.batch(positions)).all()  # a run made before blends resumes the same
+    # and that order is still the one every earlier run used: epoch e is default_rng([seed, e]).permutation
+    for epoch in (0, 3):
+        expected = np.random.default_rng([3, epoch]).permutation(500)
+        assert [blend.locate(p)[1] % 500 for p in range(500 * epoch, 500 * epoch + 5)] == list(range(5))
+        assert [blend.orders[0].item_at(500 * epoch + i) for i in range(500)] == expected.tolist()
 
 
 def test_shares_follow_the_weights_and_each_source_reads_each_window_once_per_epoch(tmp_path):
@@ -67,6 +72,9 @@ def test_resume_at_any_position_continues_the_same_stream(tmp_path):
 def test_slots_and_schedule_cover_the_block():
     counts = slots([0.5, 0.3, 0.2, 1e-9])
     assert counts.sum() == BLOCK and counts[-1] == 1  # a tiny weight still gets a slot
+    for weights in ([0.9999] + [1e-6] * 100, [2**15, 2**15 - 1, 0.5, 0.5]):  # raising them once took slots back
+        counts = slots(weights)
+        assert counts.sum() == BLOCK and counts.min() >= 1, weights
     source, before = schedule(np.array([3, 1]))
     assert source.tolist() == [0, 0, 1, 0]  # the source furthest behind its share goes next
     assert [b for s, b in zip(source, before, strict=True) if s == 0] == [0, 1, 2]
@@ -88,3 +96,4 @@ def test_the_eval_set_shares_windows_by_weight(tmp_path):
     assert sum(s == 0 for s, _ in items) == 12 and sum(s == 1 for s, _ in items) == 4
     assert blend.val_window(items[-1])[0] >= 1_000_000
     assert blend.fingerprint() != Blend([(a, 1), (b, 1)], seq_len=10, seed=0).fingerprint()  # weights count
+    assert blend.fingerprint() == Blend([(a, 0.75), (b, 0.25)], seq_len=10, seed=0).fingerprint()  # normalised

@@ -252,6 +252,9 @@ def test_the_pad_token_is_named_and_must_be_special(tmp_path):
     from lmforge.config.tokenize import TrainTokenizer
 
     assert TrainTokenizer().pad_token == "<|pad|>"
+    # configs written before pad_token existed keep their pad token: the second special token, or none
+    assert TrainTokenizer(special_tokens=["<eos>", "<pad>"]).pad_token == "<pad>"
+    assert TrainTokenizer(special_tokens=["<eos>"]).pad_token is None
     with pytest.raises(ValueError, match=r"pad_token '<pad>' is not one of special_tokens \['<eos>'\]"):
         TrainTokenizer(special_tokens=["<eos>"], pad_token="<pad>")
     with pytest.raises(ValueError, match="pad_token is the EOS token"):
@@ -271,3 +274,17 @@ def test_a_field_added_at_its_default_keeps_the_digest():
     assert old(lr=3e-4).digest() == new(lr=3e-4).digest()
     assert old(lr=3e-4).digest() != new(lr=3e-4, clip=0.5).digest() != old(lr=1e-4).digest()
     assert old().digest() == old(steps=10).digest()  # spelled out or not: the same config
+
+
+def test_an_include_switched_from_the_command_line_wins_inside_included_files_too(tmp_path, monkeypatch):
+    from lmforge.config.pretrain import PretrainConfig
+
+    monkeypatch.chdir(ROOT)
+    base = tmp_path / "base.yaml"
+    base.write_text((ROOT / "configs" / "pretrain" / "demo.yaml").read_text().replace(
+        "../model/", str(ROOT / "configs" / "model") + "/").replace("../deepspeed/", str(ROOT / "configs" / "deepspeed") + "/"))
+    top = tmp_path / "top.yaml"
+    top.write_text("include: base.yaml\ntrain: {max_steps: 3}\n")  # the model section lives in the included file
+    cfg = load_config(top, PretrainConfig, ["model.include=configs/model/124m.yaml"])
+    assert cfg.model.hidden_size == 768 and cfg.train.max_steps == 3
+    assert load_config(top, PretrainConfig).model.hidden_size != 768

@@ -301,3 +301,27 @@ def test_every_shipped_pipeline_loads(project):
     for path in sorted((project / "configs" / "pipelines").glob("*.yaml")):
         p = pl.load(path)
         assert p.steps, path
+
+
+def test_outputs_of_an_older_lmforge_stay_done_after_an_upgrade(project):
+    """Digest version 1 hashed every value, so a key added by a newer lmforge changed every digest: finished token
+    folders and runs would have been redone. A record without today's digest version is matched through the
+    config.yaml saved beside it, read with today's schema."""
+    from lmforge.completion import state
+    from lmforge.config import save_config
+
+    p = pl.load(chain(project))
+    tok, pre = p.steps[0], p.steps[1]
+    write_json(tok.output / "meta.json", {"config_digest": "from-an-older-lmforge", "config": {}})
+    save_config(tok.config, tok.output / "config.yaml")
+    assert state("tokenize", tok.config, tok.output)[0] == "done"
+    write_json(pre.output / "final" / "lineage.json", {"result_digest": "from-an-older-lmforge",
+                                                       "step": pre.config.train.max_steps})
+    write_json(pre.output / "summary.json", {})
+    save_config(pre.config, pre.output / "config.yaml")
+    assert state("pretrain", pre.config, pre.output)[0] == "done"
+    changed = pl.load(chain(project, pretrain={"overrides": ["data.path=${tokenize.out_dir}",
+                                                             f"run_dir={project}/runs/pretrain", "optim.lr=1e-3"]}))
+    assert changed.steps[1].state == "changed"  # a real change is still one
+    write_json(tok.output / "meta.json", {"config_digest": "x", "digest_version": 2, "config": {}})
+    assert state("tokenize", tok.config, tok.output)[0] == "changed"  # today's records are compared by digest

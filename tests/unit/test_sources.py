@@ -165,7 +165,7 @@ def test_a_folder_reads_data_not_metadata_and_equals_its_glob(tmp_path, capsys):
     reader = open_source(files(data))
     assert reader.files() == [data / "data" / "train-0.jsonl", data / "data" / "train-1.jsonl"]
     assert docs(files(data)) == docs(files(data / "**" / "*")) == ["a", "b"]
-    assert "8 hidden or metadata files left out" in reader.describe()
+    assert "5 hidden or metadata files left out" in reader.describe()  # hidden folders are not walked into
     hidden_root = tmp_path / ".cache" / "hub" / "ds"  # a hidden folder the user names is fine
     (hidden_root).mkdir(parents=True)
     (hidden_root / "a.jsonl").write_text('{"text": "x"}\n')
@@ -288,3 +288,27 @@ def test_a_document_over_the_cap_is_split_at_line_ends_or_characters_or_skipped(
     assert docs(files(tmp_path / "big.txt", tmp_path / "small.txt", tmp_path / "r.jsonl"), policy) == ["small",
                                                                                                       "short"]
     assert policy.skipped == {"too_long": 2} and policy.split_documents == 0
+
+
+def test_a_folder_follows_symlinked_folders_as_its_glob_does(tmp_path):
+    """Project trees on shared filesystems link data in: `rglob` did not descend into a linked folder, so the folder
+    source silently read less than the `**` glob of the same folder."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "x.jsonl").write_text('{"text": "linked"}\n')
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "sub" / "y.jsonl").write_text('{"text": "own"}\n')
+    (tmp_path / "data" / "linked").symlink_to(tmp_path / "real")
+    assert docs(files(tmp_path / "data")) == docs(files(tmp_path / "data" / "**" / "*.jsonl")) == ["linked", "own"]
+
+
+def test_a_jsonl_line_past_the_cap_is_skipped_without_holding_it_and_bad_utf16_is_replaced(tmp_path):
+    huge = json.dumps({"text": "x" * 3_000_000})
+    (tmp_path / "a.jsonl").write_text('{"text": "before"}\n' + huge + '\n{"text": "after"}\n')
+    policy = Policy(max_document_bytes=1024)  # lines longer than 2 x 1 KiB + 1 MiB are skipped, counted
+    assert docs(files(tmp_path / "a.jsonl"), policy) == ["before", "after"]
+    assert policy.skipped == {"too_long": 1}
+    (tmp_path / "u.txt").write_bytes(b"\xff\xfe" + "ok ".encode("utf-16-le") + b"\x00\xd8" + "end".encode("utf-16-le"))
+    assert docs(files(tmp_path / "u.txt")) == ["ok \ufffdend"]  # a lone surrogate: replaced, the run goes on
+    (tmp_path / "c.csv.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"c\.csv\.gz: cannot read"):
+        open_source(files(tmp_path / "c.csv.gz")).check()
