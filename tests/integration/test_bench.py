@@ -27,7 +27,8 @@ def test_tokenize_benchmark_smoke_run(tmp_path):
     for key in ("lmforge", "lmforge_jsonl"):  # the serial share: the main process's CPU against the workers'
         cpu = results[key]["encode_cpu_seconds"]
         assert cpu["main"] > 0 and cpu["workers"] > 0 and 0 < results[key]["serial_share"] < 1
-        assert abs(results[key]["workers_at_saturation"] - cpu["workers"] / cpu["main"]) < 0.2
+        ratio = cpu["workers"] / cpu["main"]  # from seconds rounded to 1 ms: agree to a few percent
+        assert abs(results[key]["workers_at_saturation"] - ratio) <= 0.1 * ratio + 0.1
     assert results["lmforge_x2"]["bytes"] == 2 * results["lmforge"]["bytes"]
     assert results["lmforge"]["encoder"] == "tiktoken" and results["lmforge_tokenizers"]["encoder"] == "tokenizers"
     assert all(r["mb_per_s"] > 0 and r["peak_rss_bytes"] > 0 for r in results.values())
