@@ -105,7 +105,7 @@ class Policy:
     def gather(self, where: str, strip: bool = False) -> Gather:
         return Gather(self, where, strip)
 
-    def limit(self, text: str, reader: Reader) -> Iterator[str]:
+    def limit(self, text: str) -> Iterator[str]:
         """`text`, or its pieces when it is longer than max_document_bytes (or nothing, for long_documents: skip)."""
         cap = self.max_document_bytes
         if cap is None or len(text) * 4 <= cap:  # a character is at most 4 UTF-8 bytes: no need to count
@@ -309,7 +309,7 @@ def read_sources(readers: list[Reader], policy: Policy) -> Iterator[tuple[int, s
     for index, reader in enumerate(readers):
         count = 0
         for text in reader.documents(policy):
-            for piece in policy.limit(text, reader):
+            for piece in policy.limit(text):
                 count += 1
                 yield index, piece
         if count == 0:
