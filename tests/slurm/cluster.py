@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 NODES = ("n1", "n2")
@@ -147,6 +148,22 @@ class Cluster:
                 raise AssertionError(f"job {job_id} never reached the expected state: {fields.get('JobState')} "
                                      f"({fields.get('Reason')}); see {fields.get('StdOut')}")
             time.sleep(poll)
+
+    def release(self, job_id: str, *updates: str) -> None:
+        """Start a requeued job 2 s from now rather than after Slurm's hold (the credential lifetime, 121 s). Not
+        "now": the node refuses a relaunch within the second of the requeue (the old run's credential is revoked
+        with a one-second timestamp: "Killing non-startable batch JobId=N: Job credential revoked", FAILED 1:0)."""
+        self.run("scontrol", "update", f"JobId={job_id}", *updates, "StartTime=now+2")
+
+    @staticmethod
+    def held(fields: dict[str, str]) -> bool:
+        """Requeued and held by Slurm itself (its start time still far off), not yet released by `release`."""
+        if fields.get("JobState") != "PENDING" or fields.get("Reason") != "BeginTime":
+            return False
+        try:  # "Unknown" while the requeue is still completing
+            return datetime.fromisoformat(fields["StartTime"]).timestamp() > time.time() + 10
+        except (KeyError, ValueError):
+            return False
 
     def cancel_all(self) -> None:
         self.run("scancel", "--full", "--user=root", check=False)

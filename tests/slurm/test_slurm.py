@@ -102,6 +102,26 @@ def test_a_pipeline_runs_as_slurm_jobs_chained_by_afterok(slurm, tmp_path, tiny_
         assert SECRET not in text
 
 
+def test_a_requeued_job_released_at_once_restarts(slurm, tmp_path):
+    """The requeue tests release a requeued job instead of waiting Slurm's 121 s hold. A release that lands in the
+    same second as the requeue makes the node refuse the relaunch (the old credential is revoked with a one-second
+    timestamp) and the job ends FAILED 1:0 (CI failed so once): the requeue here comes right after a second begins,
+    where a plain StartTime=now relaunches within that second about every other time."""
+    out = tmp_path / "job.out"
+    job = slurm.run("sbatch", "--parsable", "--requeue", "--open-mode=append", f"--output={out}",
+                    "--wrap", "echo restart=${SLURM_RESTART_COUNT:-0}; sleep 300").stdout.strip()
+    for restarted in ("restart=0", "restart=1"):
+        fields = slurm.wait(job, lambda f, line=restarted: ended(f) or f["JobState"] == "RUNNING" and out.exists()
+                            and line in out.read_text(), timeout=60, poll=0.05)
+        assert fields["JobState"] == "RUNNING", (fields["JobState"], fields["ExitCode"], fields["Restarts"])
+        time.sleep(1.02 - time.time() % 1)
+        slurm.run("scontrol", "requeue", job)
+        slurm.wait(job, lambda f: f["JobState"] == "PENDING" and f["Reason"] == "BeginTime", timeout=30, poll=0.02)
+        slurm.release(job)
+    fields = slurm.wait(job, lambda f: ended(f) or "restart=2" in out.read_text(), timeout=60, poll=0.2)
+    assert (fields["JobState"], fields["Restarts"]) == ("RUNNING", "2"), out.read_text()
+
+
 def test_a_preempted_job_saves_requeues_and_resumes_to_the_uninterrupted_weights(slurm, tmp_path, tiny_data):
     """`scancel --signal=USR1 --batch` (what --signal=B:USR1@LEAD does before a time limit) lands in a save: the
     workers finish it and exit, the job requeues itself (same id: the export waiting on it with afterok keeps
@@ -133,7 +153,7 @@ def test_a_preempted_job_saves_requeues_and_resumes_to_the_uninterrupted_weights
     status = lmforge(slurm, "status", str(path)).stdout
     assert status.splitlines()[0].split()[1] == "waiting" and "requeued" in status
 
-    slurm.run("scontrol", "update", f"JobId={ids['pretrain']}", "StartTime=now")  # a requeued job is held a while
+    slurm.release(ids["pretrain"])
     slurm.wait(ids["export"], ended, timeout=600)
     pre, export = slurm.job(ids["pretrain"]), slurm.job(ids["export"])
     assert (pre["JobState"], pre["ExitCode"], pre["Restarts"]) == ("COMPLETED", "0:0", "1"), log.read_text()[-3000:]
@@ -258,8 +278,8 @@ def test_a_time_limit_saves_and_requeues_and_without_requeue_never_satisfies_aft
     while not ended(export := slurm.job(ids["export"])):
         pre = slurm.job(ids["pretrain"])  # (a requeue passes through CANCELLED: the export's end decides)
         assert time.time() < deadline, Path(pre["StdOut"]).read_text()[-3000:]
-        if pre["JobState"] == "PENDING" and pre["Reason"] == "BeginTime":  # requeued: released, with time to finish
-            slurm.run("scontrol", "update", f"JobId={ids['pretrain']}", "TimeLimit=10", "StartTime=now")
+        if slurm.held(pre):  # requeued: released, with time to finish
+            slurm.release(ids["pretrain"], "TimeLimit=10")
         time.sleep(1)
     pre = slurm.job(ids["pretrain"])
     log = Path(pre["StdOut"]).read_text()
