@@ -12,7 +12,9 @@ workers, and each runs in a process of its own so that its peak memory is its ow
   lmforge        `python -m pretrain.tokenize` end to end: read files, encode on N workers, write shards
   lmforge-slow   the same with `tokenizer.fast=false`: the pipeline's own overhead on `tokenizers`
   lmforge-jsonl  the same documents as one JSONL file; with every lmforge run, the main process's CPU per GB
-                 and the worker count at which it saturates (workers' CPU / main's: Amdahl's limit)
+                 and the worker count at which it saturates (workers' CPU / main's: Amdahl's limit); once as
+                 lmforge runs by default (workers read their own byte spans) and once with `reading: main`
+                 (the main process reads and sends documents: how it was before)
   datasets.map   what a user writes today (nanoGPT's prepare.py shape): `load_dataset("text")`,
                  `map(tokenizer, batched=True, num_proc=N)`, then concatenate into one uint16 file
   lmforge xK     lmforge on K copies of the corpus: peak memory must not grow with the input
@@ -163,7 +165,7 @@ def run_child(name: str, work: Path, args: argparse.Namespace, env: dict | None 
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def run_lmforge(work: Path, name: str, sources: list, workers: int, fast: bool = True) -> dict:
+def run_lmforge(work: Path, name: str, sources: list, workers: int, fast: bool = True, **extra) -> dict:
     """`python -m pretrain.tokenize` on a config written here; its summary.json has the figures."""
     import yaml
 
@@ -173,7 +175,7 @@ def run_lmforge(work: Path, name: str, sources: list, workers: int, fast: bool =
     config.write_text(yaml.safe_dump({
         "out_dir": str(out), "sources": sources, "workers": workers, "progress": False,
         "tokenizer": {"pretrained": str(work / "tokenizer"), "fast": fast}, "split": {"val_fraction": 0.02},
-        "shard_bytes": 4 * 2**20}))
+        "shard_bytes": 4 * 2**20, **extra}))
     run = subprocess.run([sys.executable, "-m", "pretrain.tokenize", str(config)], capture_output=True, text=True,
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if run.returncode != 0:
@@ -269,6 +271,9 @@ def main() -> int:
         ("lmforge_tokenizers", lambda: run_lmforge(work, "lmforge_slow", sources, args.workers, fast=False)),
         ("lmforge_jsonl", lambda: run_lmforge(work, "lmforge_jsonl", [
             {"type": "files", "paths": [str(jsonl_corpus(work, files))]}], args.workers)),
+        # before issue 12's item 9: the main process reads, parses and hashes, the workers only encode
+        ("lmforge_jsonl_main_reading", lambda: run_lmforge(work, "lmforge_jsonl_main", [
+            {"type": "files", "paths": [str(work / "corpus.jsonl")]}], args.workers, reading="main")),
         ("datasets_map", lambda: run_child("datasets_map", work, args, {"TOKENIZERS_PARALLELISM": "false"})),
     ]
     for name, step in steps:
@@ -299,6 +304,8 @@ def main() -> int:
         "main_cpu_seconds_per_gb_jsonl": results["lmforge_jsonl"]["main_cpu_seconds_per_gb"],
         "workers_at_saturation_files": results["lmforge"]["workers_at_saturation"],
         "workers_at_saturation_jsonl": results["lmforge_jsonl"]["workers_at_saturation"],
+        "main_cpu_seconds_per_gb_jsonl_main_reading": results["lmforge_jsonl_main_reading"]["main_cpu_seconds_per_gb"],
+        "workers_at_saturation_jsonl_main_reading": results["lmforge_jsonl_main_reading"]["workers_at_saturation"],
     }
     if args.scale > 1:
         big, small = results[f"lmforge_x{args.scale}"], results["lmforge"]
@@ -357,6 +364,8 @@ def write_table(report: dict, path: Path) -> None:
         row("**lmforge tokenize**", "lmforge", "read files, encode, write shards (end to end)"),
         row("lmforge tokenize, `fast=false`", "lmforge_tokenizers", "the same on `tokenizers`"),
         row("lmforge tokenize, JSONL", "lmforge_jsonl", "the same documents as one JSONL file (end to end)"),
+        row("lmforge tokenize, JSONL, `reading: main`", "lmforge_jsonl_main_reading",
+            "the same, the main process reading (before workers read)"),
         row("`datasets.map` + concatenate", "datasets_map", "nanoGPT `prepare.py` shape (end to end)"),
     ]
     if f"lmforge_x{scale}" in r:
@@ -375,10 +384,13 @@ def write_table(report: dict, path: Path) -> None:
     lines += [
         f"| the main process's CPU per GB of input, built-in corpus (files) | "
         f"{ratio['main_cpu_seconds_per_gb_files']:.1f} s | |",
-        f"| the main process's CPU per GB of input, JSONL | {ratio['main_cpu_seconds_per_gb_jsonl']:.1f} s | |",
+        f"| the main process's CPU per GB of input, JSONL: workers read / main reads (before) | "
+        f"{ratio['main_cpu_seconds_per_gb_jsonl']:.1f} s / {ratio['main_cpu_seconds_per_gb_jsonl_main_reading']:.1f} s"
+        " | |",
         f"| workers before the main process saturates (workers' CPU / main's), files | "
         f"{ratio['workers_at_saturation_files']:.1f} | |",
-        f"| workers before the main process saturates, JSONL | {ratio['workers_at_saturation_jsonl']:.1f} | |",
+        f"| workers before the main process saturates, JSONL: workers read / main reads (before) | "
+        f"{ratio['workers_at_saturation_jsonl']:.1f} / {ratio['workers_at_saturation_jsonl_main_reading']:.1f} | |",
     ]
     if "peak_rss_main_growth_at_scale" in ratio:
         lines += [f"| lmforge past start-up ({ratio['lmforge_marginal_mb_per_s']:.1f} MB/s, from the 1x and {scale}x runs) "

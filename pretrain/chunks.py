@@ -60,7 +60,45 @@ def chunked(documents, shard_bytes: int, val_cut: float, dedup: bool = False, po
         yield chunk
 
 
-def finished_record(out: Path, chunk: Chunk, dtype: np.dtype, binding: dict) -> dict | None:
+@dataclass
+class Unit:
+    """Files (or byte spans of one) that a worker reads, parses and encodes itself: the main process only lists
+    them. Its digest is the plan's (paths, spans, sizes, modification times): a rerun knows a finished unit
+    without reading it."""
+    index: int
+    pieces: list[tuple[int, str, tuple[int, int] | None]] = field(default_factory=list)  # (source, path, span)
+    nbytes: int = 0  # input bytes (file sizes): the progress bar's unit
+    hasher: object = field(default_factory=lambda: hashlib.blake2b(digest_size=16))
+
+    @property
+    def digest(self) -> str:
+        return self.hasher.hexdigest()
+
+
+def planned(readers, target: int):
+    """Units of about `target` input bytes over the files of every source, in order: small files grouped, a large
+    line-per-document file cut into spans, a large compressed file whole (its worker writes several shards)."""
+    unit = Unit(0)
+    for source, reader in enumerate(readers):
+        for path, span, size in reader.spans(target):
+            st = path.stat()
+            unit.pieces.append((source, str(path), span))
+            unit.nbytes += size
+            unit.hasher.update(json.dumps([source, str(path), span, st.st_size, st.st_mtime_ns]).encode())
+            if unit.nbytes >= target:
+                yield unit
+                unit = Unit(unit.index + 1)
+    if unit.pieces:
+        yield unit
+
+
+def shards_of(record: dict, split: str) -> list[dict]:
+    """A record's shards of one split (records of lmforge before 0.x held one shard or None)."""
+    entry = record.get(split)
+    return [] if entry is None else [entry] if isinstance(entry, dict) else entry
+
+
+def finished_record(out: Path, chunk: Chunk | Unit, dtype: np.dtype, binding: dict) -> dict | None:
     """The completion record of a chunk a previous run finished, if it holds exactly these documents, split by
     the same cut and encoded by the same tokenizer (an input that changed moves `split.val_docs`' cut)."""
     path = out / "chunks" / f"{chunk.index:06d}.json"
@@ -70,10 +108,10 @@ def finished_record(out: Path, chunk: Chunk, dtype: np.dtype, binding: dict) -> 
     if record.get("digest") != chunk.digest or any(record.get(k) != v for k, v in binding.items()):
         return None
     for split in SPLITS:
-        shard = record.get(split)
-        if shard and (not (out / shard["file"]).exists()
-                      or (out / shard["file"]).stat().st_size != shard["tokens"] * dtype.itemsize):
-            return None
+        for shard in shards_of(record, split):
+            if (not (out / shard["file"]).exists()
+                    or (out / shard["file"]).stat().st_size != shard["tokens"] * dtype.itemsize):
+                return None
     return record
 
 
@@ -109,6 +147,15 @@ def listing_change(before: dict | None, now: dict) -> str:
     return ", ".join(f"{n:,} file{'s' * (n != 1)} {what}" for what, n in counts.items() if n)
 
 
+def merge_counts(policy: Policy, counts: dict | None) -> None:
+    """Add a worker's bad-input counts (a unit's record) to the run's."""
+    if counts:
+        policy.skipped.update(counts["skipped"])
+        policy.skipped_files.update(counts["skipped_files"])
+        policy.split_documents += counts["split_documents"]
+        policy.replaced_docs += counts["replaced_docs"]
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -117,15 +164,70 @@ def read_json(path: Path) -> dict:
 _WORKER: dict = {}
 
 
-def init_worker(tokenizer_json: str, fast: bool, eos_id: int, dtype: str, vocab_size: int, out: str) -> None:
+def init_worker(tokenizer_json: str, fast: bool, eos_id: int, dtype: str, vocab_size: int, out: str,
+                sources: list | None = None, policy: dict | None = None) -> None:
+    from lmforge.data.sources import open_source
+
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested threads
     _WORKER.update(encoder=Encoder(tokenizer_json, fast=fast), eos=eos_id, dtype=np.dtype(dtype),
-                   vocab=vocab_size, out=Path(out))
+                   vocab=vocab_size, out=Path(out), readers=[open_source(s) for s in sources or []],
+                   policy=policy or {})
 
 
 def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str, binding: dict,
                  sources: list[int] | None = None) -> dict:
-    """Encode one chunk, write its train and val shards, then its completion record (in that order)."""
+    """Encode one chunk the main process read, write its train and val shards, then its completion record."""
+    record = {"index": index, "digest": digest, **binding, "sources": {}, "train": [], "val": []}
+    encode_group(record, f"{index:06d}", docs, val, sources or [0] * len(docs), f"chunk {index}")
+    record["bytes"] = sum(len(d.encode("utf-8")) for d in docs)
+    return finish(record)
+
+
+def encode_unit(index: int, pieces: list, digest: str, binding: dict, shard_bytes: int) -> dict:
+    """Read, parse and encode one unit of files or spans (this worker's own reading: the main process only
+    planned it), a shard of about `shard_bytes` at a time; then the unit's completion record, which carries the
+    documents' digest and the bad-input counts of its reading (a rerun that keeps the unit reports them too)."""
+    w = _WORKER
+    policy = Policy(**w["policy"])
+    record = {"index": index, "digest": digest, **binding, "sources": {}, "train": [], "val": []}
+    hasher = hashlib.blake2b(digest_size=16)
+    docs, val, sources, origins, size, total, part = [], [], [], [], 0, 0, 0
+    for source, path, span in pieces:
+        reader = w["readers"][source]
+        for text in reader.read_file(Path(path), policy, tuple(span) if span else None):
+            for piece in policy.limit(text):
+                data = piece.encode("utf-8")
+                key = doc_hash(data)
+                hasher.update(key)
+                docs.append(piece)
+                val.append(hash_fraction(key) < binding["val_cut"])
+                sources.append(source)
+                origins.append(path)
+                size += len(data)
+                if size >= shard_bytes:
+                    encode_group(record, f"{index:06d}-{part:03d}", docs, val, sources, f"unit {index}", origins)
+                    docs, val, sources, origins, total, size, part = [], [], [], [], total + size, 0, part + 1
+    if docs:
+        encode_group(record, f"{index:06d}-{part:03d}", docs, val, sources, f"unit {index}", origins)
+    record["bytes"] = total + size
+    record["documents_digest"] = hasher.hexdigest()
+    record["policy"] = {"skipped": dict(policy.skipped), "skipped_files": policy.skipped_files,
+                        "split_documents": policy.split_documents, "replaced_docs": policy.replaced_docs}
+    return finish(record)
+
+
+def finish(record: dict) -> dict:
+    """Write the completion record (after the shards it names); what goes back to the main process."""
+    w = _WORKER
+    atomic.write_json(w["out"] / "chunks" / f"{record['index']:06d}.json", record)
+    fallbacks, w["encoder"].fallbacks = w["encoder"].fallbacks, 0
+    return {**record, "peak_rss": peak_rss(), "fallbacks": fallbacks}
+
+
+def encode_group(record: dict, name: str, docs: list[str], val: list[bool], sources: list[int], label: str,
+                 origins: list[str] | None = None) -> None:
+    """Encode documents into shards `name` of the train and val splits, added to `record` with per-source counts;
+    a tokenizer failure names the document by its place in `label` and the file it came from (`origins`)."""
     w = _WORKER
     try:
         encoded = w["encoder"].encode_many(docs)
@@ -138,21 +240,19 @@ def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str, bind
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException:  # noqa: BLE001
-                raise DataError(f"the tokenizer failed on document {i + 1} of chunk {index} ({len(text):,} "
+                origin = f" from {origins[i]}" if origins else ""
+                raise DataError(f"the tokenizer failed on document {i + 1} of {label}{origin} ({len(text):,} "
                                 f"characters, starting {text[:60]!r}): {type(e).__name__}: {e}; leave it out of the "
                                 "input, or set max_document_bytes lower") from None
-        raise DataError(f"the tokenizer failed on chunk {index}: {type(e).__name__}: {e}") from None
-    record = {"index": index, "digest": digest, **binding}
-    by_source: dict[str, list[int]] = {}  # source index -> [documents, tokens with their EOS]
-    for ids, source in zip(encoded, sources or [0] * len(docs), strict=True):
+        raise DataError(f"the tokenizer failed on {label}: {type(e).__name__}: {e}") from None
+    by_source = record["sources"]  # source index -> [documents, tokens with their EOS]
+    for ids, source in zip(encoded, sources, strict=True):
         counts = by_source.setdefault(str(source), [0, 0])
         counts[0] += 1
         counts[1] += ids.size + 1
-    record["sources"] = by_source
     for split, want in (("train", False), ("val", True)):
         pieces = [ids for ids, is_val in zip(encoded, val, strict=True) if is_val == want]
         if not pieces:
-            record[split] = None
             continue
         ends = np.cumsum([p.size + 1 for p in pieces], dtype=np.uint64)
         tokens = np.empty(int(ends[-1]), dtype=w["dtype"])
@@ -164,7 +264,4 @@ def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str, bind
         top = max((int(p.max()) for p in pieces if p.size), default=0)
         if top >= w["vocab"]:
             raise DataError(f"token id {top} >= vocab size {w['vocab']}: the tokenizer is inconsistent")
-        record[split] = write_shard(w["out"], split, index, tokens, ends)
-    atomic.write_json(w["out"] / "chunks" / f"{index:06d}.json", record)
-    fallbacks, w["encoder"].fallbacks = w["encoder"].fallbacks, 0
-    return {**record, "peak_rss": peak_rss(), "fallbacks": fallbacks}
+        record[split].append(write_shard(w["out"], split, name, tokens, ends))

@@ -1,12 +1,15 @@
 """`lmforge tokenize CONFIG.yaml [key=value ...]`: text sources -> tokenizer -> token shards.
 
-Reads top to bottom: config -> sources -> tokenizer (train or load) -> encoder check -> chunks of
-documents encoded by N worker processes, each shard published atomically -> meta.json -> summary.
+Reads top to bottom: config -> sources -> tokenizer (train or load) -> encoder check -> units of files
+that N worker processes read, parse and encode, each shard published atomically -> meta.json -> summary.
 
-Memory stays bounded: the main process streams documents and keeps at most 2 x workers chunks of
-`shard_bytes` in flight. A rerun skips every chunk whose completion record matches the data, so a
-crashed run resumes and ends byte-identical to an uninterrupted one. meta.json is written last; a
-folder without it is never read as data.
+The main process only plans (lists files and cuts large line-per-document files into byte spans); the
+workers read. Only a Hugging Face dataset source or `dedup: exact` makes the main process read and send
+chunks of documents. Memory stays bounded: at most 2 x workers units in flight, each worker holding one
+shard of `shard_bytes` at a time. A rerun skips every unit whose completion record matches (the files,
+their sizes and times; or the documents, for read chunks), so a crashed run resumes and ends
+byte-identical to an uninterrupted one. meta.json is written last; a folder without it is never read
+as data.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from lmforge.config import save_config, to_yaml
 from lmforge.config.base import DIGEST_VERSION
 from lmforge.config.command import parse_command
 from lmforge.config.tokenize import TokenizeConfig
+from lmforge.data.files import FilesReader
 from lmforge.data.shards import FORMAT, SPLITS, ShardError, read_meta, token_dtype
 from lmforge.data.sources import (
     DataError,
@@ -56,12 +60,16 @@ from lmforge.tokenizer import (
 from pretrain.chunks import (
     chunked,
     encode_chunk,
+    encode_unit,
     finished_record,
     init_worker,
     input_listing,
     listing_change,
+    merge_counts,
     per_source,
+    planned,
     read_json,
+    shards_of,
 )
 
 VERIFY_DOCS = 256  # documents checked for fast-encoder/tokenizers id identity at start-up...
@@ -196,23 +204,30 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     print(f"[tokenize] tokenizer: vocab {vocab_size}, EOS {eos_token!r} = {eos_id}, ids as {dtype.name}, "
           f"encoder {encoder.kind} ({encoder.reason})")
 
-    # -- encode: chunks of documents to worker processes, bounded in flight ---------------------
+    # -- encode: units of files that workers read, parse and encode themselves (the main process only lists
+    # them: its serial share stays small at any worker count); or, for a Hugging Face dataset and for exact
+    # dedup (which needs every document's hash in order), chunks of documents the main process reads
     workers = cfg.workers or len(os.sched_getaffinity(0))
     policy = Policy.of(cfg)
+    planned_reading = cfg.reading == "workers" and cfg.dedup != "exact" and all(
+        isinstance(r, FilesReader) for r in readers)
+    units = planned(readers, cfg.shard_bytes) if planned_reading else chunked(
+        read_sources(readers, policy), cfg.shard_bytes, val_cut, cfg.dedup == "exact", policy)
     totals = [r.total_bytes() for r in readers]
     bar = tqdm(total=sum(totals) if None not in totals else None, unit="B", unit_scale=True, desc="tokenize",
                disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
     records: dict[int, dict] = {}
-    fingerprint = hashlib.sha256(json.dumps(binding, sort_keys=True).encode())  # the data, its split, its ids
     docs = nbytes = tokens = resumed = peak_worker = fallbacks = 0
 
     def collect(chunk_bytes: int, record: dict) -> None:
-        nonlocal docs, tokens, peak_worker, fallbacks
+        nonlocal docs, nbytes, tokens, peak_worker, fallbacks
         peak_worker = max(peak_worker, record.pop("peak_rss", 0))
         fallbacks += record.pop("fallbacks", 0)
+        merge_counts(policy, record.get("policy"))  # a worker's reading: its bad-input counts
         records[record["index"]] = record
-        docs += sum(record[s]["documents"] for s in SPLITS if record[s])
-        tokens += sum(record[s]["tokens"] for s in SPLITS if record[s])
+        docs += sum(s["documents"] for split in SPLITS for s in shards_of(record, split))
+        tokens += sum(s["tokens"] for split in SPLITS for s in shards_of(record, split))
+        nbytes += record.get("bytes", chunk_bytes)
         bar.update(chunk_bytes)
         elapsed = max(time.time() - encode_start, 1e-9)
         bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed / 1e6:.2f}M tok/s", refresh=False)
@@ -220,16 +235,15 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     encode_start = time.time()
     cpu_start = cpu_seconds()
     context = multiprocessing.get_context("spawn")  # not fork: the parent may hold tokenizers' threads
-    init = (tokenizer_json, encoder.kind == "tiktoken", eos_id, dtype.str, vocab_size, str(out))
+    init = (tokenizer_json, encoder.kind == "tiktoken", eos_id, dtype.str, vocab_size, str(out), cfg.sources,
+            {"utf8_errors": cfg.utf8_errors, "bad_records": cfg.bad_records, "on_skipped_file": cfg.on_skipped_file,
+             "max_document_bytes": cfg.max_document_bytes, "long_documents": cfg.long_documents})
     with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=init) as pool:
         pending: dict = {}
         try:
-            for chunk in chunked(read_sources(readers, policy), cfg.shard_bytes, val_cut, cfg.dedup == "exact",
-                                 policy):
-                fingerprint.update(chunk.digest.encode())
-                nbytes += chunk.nbytes
+            for chunk in units:
                 if part is not None and chunk.index % part[1] != part[0]:
-                    bar.update(chunk.nbytes)  # another array task's chunk: read past (the bar shows the reading)
+                    bar.update(chunk.nbytes)  # another array task's: passed over (read past, for read chunks)
                     continue
                 done = finished_record(out, chunk, dtype, binding)
                 if done is not None:
@@ -240,8 +254,13 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in finished:
                         collect(pending.pop(future), future.result())
-                pending[pool.submit(encode_chunk, chunk.index, chunk.docs, chunk.val, chunk.digest, binding,
-                                    chunk.sources)] = chunk.nbytes
+                if planned_reading:
+                    future = pool.submit(encode_unit, chunk.index, chunk.pieces, chunk.digest, binding,
+                                         cfg.shard_bytes)
+                else:
+                    future = pool.submit(encode_chunk, chunk.index, chunk.docs, chunk.val, chunk.digest, binding,
+                                         chunk.sources)
+                pending[future] = chunk.nbytes
             for future in list(pending):
                 collect(pending.pop(future), future.result())
         except BaseException:
@@ -261,12 +280,19 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
 
     # -- meta.json last: its presence marks the output complete ---------------------------------
     count = len(records)
+    for reader, entry in zip(readers, per_source(records, readers), strict=True):
+        if entry["documents"] == 0:
+            raise DataError(f"source {reader.describe()} yielded no documents (skipped: "
+                            f"{dict(policy.skipped) or 'none'}); check its paths and text_field")
+    fingerprint = hashlib.sha256(json.dumps(binding, sort_keys=True).encode())  # the data, its split, its ids
+    for i in range(count):
+        fingerprint.update(records[i].get("documents_digest", records[i]["digest"]).encode())
     for stale in (out / "chunks").glob("[0-9]*.json"):  # records from a longer earlier version of the data
         if int(stale.stem) >= count:
             stale.unlink()
     splits = {}
     for split in SPLITS:
-        shards = [records[i][split] for i in range(count) if records[i][split]]
+        shards = [shard for i in range(count) for shard in shards_of(records[i], split)]
         splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards),
                          "shards": shards}
         kept = {Path(s["file"]).stem for s in shards}

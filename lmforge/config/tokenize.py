@@ -140,6 +140,9 @@ class TokenizeConfig(StrictModel):
     """Text per shard (one unit of parallel work), in UTF-8 bytes."""
     workers: int = Field(0, ge=0)
     """Worker processes for encoding; 0 means one per CPU core."""
+    reading: Literal["workers", "main"] = "workers"
+    """Who reads local files: the workers, each its own files and byte spans (the main process only lists them),
+    or the main process, which reads and sends documents (always so for Hugging Face datasets and dedup: exact)."""
     utf8_errors: Literal["replace", "error"] = "replace"
     """Invalid UTF-8: replace bad bytes with U+FFFD (counted), or stop naming file and byte offset."""
     bad_records: Literal["error", "skip"] = "error"

@@ -18,6 +18,7 @@ import csv
 import glob
 import gzip
 import io
+import itertools
 import json
 import lzma
 import os
@@ -87,11 +88,16 @@ def byte_order_mark(path: Path) -> tuple[str | None, int]:
     return next(((enc, len(bom)) for bom, enc in BOMS if head.startswith(bom)), (None, 0))
 
 
-def lines(path: Path, limit: int = -1) -> Iterator[tuple[int, int, bytes]]:
+def lines(path: Path, limit: int = -1, span: tuple[int, int] | None = None) -> Iterator[tuple[int, int, bytes]]:
     """(line number from 1, byte offset, line as UTF-8 bytes) of any file this module opens. Offsets count the
     decompressed bytes (for UTF-16/32 files, the UTF-8 bytes they become). With `limit`, a longer line comes in
     pieces of at most that many bytes (characters for UTF-16/32), so memory stays bounded; only its last piece
-    ends in a newline."""
+    ends in a newline. With `span` (start, end) of a plain UTF-8 file (see `splittable`): the lines that begin in
+    [start, end), numbered 0 (unknown without reading what comes before), so that spans side by side read each line
+    exactly once."""
+    if span is not None:
+        yield from _span_lines(path, limit, *span)
+        return
     encoding, skip = byte_order_mark(path)
     with open_binary(path) as raw:
         if encoding in (None, "utf-8"):
@@ -115,12 +121,47 @@ def lines(path: Path, limit: int = -1) -> Iterator[tuple[int, int, bytes]]:
             raise DataError(f"{path}: invalid {encoding.upper()} after its byte-order mark: {e.reason}") from None
 
 
-def whole_lines(path: Path, cap: int) -> Iterator[tuple[int, int, bytes | None]]:
+def _span_lines(path: Path, limit: int, start: int, end: int) -> Iterator[tuple[int, int, bytes]]:
+    with open(path, "rb") as f:
+        first = 3 if f.read(3) == codecs.BOM_UTF8 else 0  # where the first line begins
+        if start <= first:
+            f.seek(first)
+            offset = first
+        else:  # the line holding byte start - 1 belongs to the span before: read past its end
+            f.seek(start - 1)
+            offset = start - 1
+            while (piece := f.readline(LINE_PIECE_BYTES)) and not piece.endswith(b"\n"):
+                offset += len(piece)
+            offset += len(piece)
+        at_start = True  # the next piece begins a line
+        while (at_start and offset < end or not at_start) and (line := f.readline(limit)):
+            yield 0, offset, line
+            offset += len(line)
+            at_start = line.endswith(b"\n")
+
+
+def splittable(path: Path, fmt: str, txt_documents: str) -> bool:
+    """Whether a file can be read as byte spans by workers side by side: a plain (uncompressed) UTF-8 file of one
+    document or record per line (JSONL; text with txt_documents: line) that is not binary and not one JSON array."""
+    kind = format_of(path, fmt)
+    if compression(path) or not (kind == "jsonl" or kind == "txt" and txt_documents == "line"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(BINARY_SNIFF_BYTES)
+    except OSError:
+        return False  # the worker that reads it whole reports it
+    if any(head.startswith(bom) for bom, enc in BOMS if enc != "utf-8") or b"\0" in head:
+        return False
+    return not (kind == "jsonl" and head.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["))
+
+
+def whole_lines(path: Path, cap: int, span: tuple[int, int] | None = None) -> Iterator[tuple[int, int, bytes | None]]:
     """(number, offset, line) of each line of at most `cap` bytes; for a longer line, (number, offset, None), read
     past in pieces and never held whole."""
     held: list[bytes] | None = None
     size = start = 0
-    for number, offset, piece in lines(path, limit=cap + 1 if cap > 0 else -1):
+    for number, offset, piece in lines(path, limit=cap + 1 if cap > 0 else -1, span=span):
         if held is None:
             held, size, start = [], 0, offset
         size += len(piece)
@@ -133,6 +174,11 @@ def whole_lines(path: Path, cap: int) -> Iterator[tuple[int, int, bytes | None]]
             held = None
     if held is not None:
         yield number, start, (b"".join(held) if cap <= 0 or size <= cap else None)
+
+
+def located(path: Path, number: int, offset: int) -> str:
+    """'path:line', or 'path (line at byte N)' where the line number is unknown (a span read by a worker)."""
+    return f"{path}:{number}" if number else f"{path} (line at byte {offset})"
 
 
 class FilesReader(Reader):
@@ -212,19 +258,36 @@ class FilesReader(Reader):
 
     def documents(self, policy: Policy) -> Iterator[str]:
         for path in self.files():
-            kind = format_of(path, self.spec.format)
-            if kind is None:
-                policy.skip_file(path, "unknown_extension", f"unknown extension '{''.join(path.suffixes)}' "
-                                 "(name a format with `format:`, or leave the file out)")
-                continue
-            try:
-                yield from getattr(self, f"_{kind}")(path, policy)
-            except READ_ERRORS as e:  # a truncated or corrupt file: what it gave so far stays, the rest is skipped
-                policy.skip_file(path, "unreadable", f"cannot read: {e}")
+            yield from self.read_file(path, policy)
 
-    def _txt(self, path: Path, policy: Policy) -> Iterator[str]:
+    def spans(self, target: int) -> Iterator[tuple[Path, tuple[int, int] | None, int]]:
+        """(path, byte span or None for the whole file, bytes) of every file in order: what workers read side by
+        side. A plain line-per-document file (`splittable`) larger than 2 x `target` comes as spans of ~`target`."""
+        for path in self.files():
+            size = path.stat().st_size
+            if size <= 2 * target or not splittable(path, self.spec.format, self.spec.txt_documents):
+                yield path, None, size
+                continue
+            n = size // target
+            cuts = [size * i // n for i in range(n + 1)]
+            for start, end in itertools.pairwise(cuts):
+                yield path, (start, end), end - start
+
+    def read_file(self, path: Path, policy: Policy, span: tuple[int, int] | None = None) -> Iterator[str]:
+        """The documents of one file (or of the lines that begin in `span`, for a `splittable` file)."""
+        kind = format_of(path, self.spec.format)
+        if kind is None:
+            policy.skip_file(path, "unknown_extension", f"unknown extension '{''.join(path.suffixes)}' "
+                             "(name a format with `format:`, or leave the file out)")
+            return
+        try:
+            yield from getattr(self, f"_{kind}")(path, policy, *([span] if span else []))
+        except READ_ERRORS as e:  # a truncated or corrupt file: what it gave so far stays, the rest is skipped
+            policy.skip_file(path, "unreadable", f"cannot read: {e}")
+
+    def _txt(self, path: Path, policy: Policy, span: tuple[int, int] | None = None) -> Iterator[str]:
         encoding, _ = byte_order_mark(path)
-        if encoding is None:
+        if encoding is None and span is None:  # (a span's file was sniffed when it was split)
             with open_binary(path) as f:
                 if b"\0" in f.read(BINARY_SNIFF_BYTES):
                     policy.skip_file(path, "binary_file", "looks binary (NUL bytes)")
@@ -236,21 +299,21 @@ class FilesReader(Reader):
         if mode == "file" and not any(True for _ in lines(path, limit=1)):
             policy.skipped["empty"] += 1  # an empty file: an empty document, as any other format counts it
             return
-        for number, offset, piece in lines(path, limit=LINE_PIECE_BYTES):
+        for number, offset, piece in lines(path, limit=LINE_PIECE_BYTES, span=span):
             if mode == "blank_line" and not piece.strip():
                 yield from gather.end()
             else:
-                yield from gather.add(piece, f"{path}:{number}" if mode == "line" else str(path), offset)
+                yield from gather.add(piece, located(path, number, offset) if mode == "line" else str(path), offset)
                 if mode == "line" and piece.endswith(b"\n"):
                     yield from gather.end()
         yield from gather.end()
 
-    def _jsonl(self, path: Path, policy: Policy) -> Iterator[str]:
-        numbered = lines(path)
+    def _jsonl(self, path: Path, policy: Policy, span: tuple[int, int] | None = None) -> Iterator[str]:
+        numbered = lines(path, span=span)
         first = next(((n, o, raw) for n, o, raw in numbered if raw.strip()), None)
         if first is None:
             return
-        if first[2].lstrip().startswith(b"["):  # a .json file holding one array of records
+        if span is None and first[2].lstrip().startswith(b"["):  # a .json file holding one array of records
             blob = first[2] + b"".join(raw for _, _, raw in numbered)
             try:
                 records = json.loads(policy.decode(blob, str(path)))
@@ -265,14 +328,14 @@ class FilesReader(Reader):
         cap = policy.max_document_bytes
         # a record is not split: a line longer than twice the document cap (JSON escapes lengthen text) is
         # skipped whole, never held whole in memory
-        for number, offset, raw in whole_lines(path, 2 * cap + 2**20 if cap else -1):
+        for number, offset, raw in whole_lines(path, 2 * cap + 2**20 if cap else -1, span):
             if raw is None:
                 policy.skipped["too_long"] += 1
             elif raw.strip():
                 yield from self._line(number, offset, raw, path, policy)
 
     def _line(self, number: int, offset: int, raw: bytes, path: Path, policy: Policy) -> Iterator[str]:
-        where = f"{path}:{number}"
+        where = located(path, number, offset)
         try:
             record = json.loads(policy.decode(raw, where, offset))
         except json.JSONDecodeError as e:

@@ -36,9 +36,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def write_shard(out_dir: Path, split: str, index: int, tokens: np.ndarray, doc_ends: np.ndarray) -> dict:
+def write_shard(out_dir: Path, split: str, name: int | str, tokens: np.ndarray, doc_ends: np.ndarray) -> dict:
     """Write one split's shard (tokens + document index) atomically; returns its record for meta.json."""
-    stem = f"{split}/{index:06d}"
+    stem = f"{split}/{name:06d}" if isinstance(name, int) else f"{split}/{name}"
     little = np.ascontiguousarray(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False))
     atomic.write_bytes(out_dir / f"{stem}.bin", little.data)
     atomic.write_bytes(out_dir / f"{stem}.idx", np.ascontiguousarray(doc_ends, dtype="<u8").data)

@@ -19,12 +19,15 @@ def test_tokenize_benchmark_smoke_run(tmp_path):
     report = json.loads((tmp_path / "results" / "tokenize.json").read_text())
     results = report["results"]
     assert set(results) == {"encode_batch", "encode_batch_1thread", "fast_path_1thread", "lmforge",
-                            "lmforge_tokenizers", "lmforge_jsonl", "datasets_map", "lmforge_x2"}
+                            "lmforge_tokenizers", "lmforge_jsonl", "lmforge_jsonl_main_reading", "datasets_map",
+                            "lmforge_x2"}
     assert results["fast_path_1thread"]["identical_ids"] is True
     # every method encoded the same documents into the same number of tokens (EOS included)
     assert results["encode_batch"]["tokens"] == results["lmforge"]["tokens"] == results["lmforge_tokenizers"]["tokens"]
-    assert results["lmforge_jsonl"]["tokens"] == results["lmforge"]["tokens"]  # the same documents, as JSONL
-    for key in ("lmforge", "lmforge_jsonl"):  # the serial share: the main process's CPU against the workers'
+    # the same documents, as JSONL, whoever reads them
+    assert results["lmforge_jsonl"]["tokens"] == results["lmforge_jsonl_main_reading"]["tokens"] == \
+        results["lmforge"]["tokens"]
+    for key in ("lmforge", "lmforge_jsonl", "lmforge_jsonl_main_reading"):  # the serial share: the main process's CPU against the workers'
         cpu = results[key]["encode_cpu_seconds"]
         assert cpu["main"] > 0 and cpu["workers"] > 0 and 0 < results[key]["serial_share"] < 1
         ratio = cpu["workers"] / cpu["main"]  # from seconds rounded to 1 ms: agree to a few percent

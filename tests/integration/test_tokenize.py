@@ -423,3 +423,50 @@ def test_lmforge_inspect_reports_counts_sources_and_a_decoded_sample(tmp_path, t
     assert sample.rstrip("\n").removesuffix("<|endoftext|>") in texts  # the whole document, decoded
     assert cli.main(["inspect", str(tmp_path / "out"), "--document", "999"]) == 1
     assert "the train split has documents 0.." in capsys.readouterr().err
+
+
+def test_workers_read_their_own_spans_and_files_into_the_same_documents_as_the_main_process(tmp_path,
+                                                                                             tokenize_config, capsys):
+    """Issue 12, item 9: by default the workers read, parse and encode their own files and byte spans; the main
+    process only lists them. The documents, their order, their split and the bad-input counts equal those of
+    `reading: main` (the main process reading); a large JSONL file is cut into spans, a large compressed one is read
+    whole by one worker that writes several shards; a rerun keeps every finished unit without reading it, and still
+    reports what the first run skipped."""
+    import gzip
+
+    from lmforge.config.tokenize import FilesSource
+    from lmforge.data.files import FilesReader
+
+    texts = sample_texts(400)
+    write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": t} for t in texts[:250]])
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts[250:]) + "{broken\n"
+    (tmp_path / "in" / "b.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "in" / "c.bin").write_bytes(b"\0" * 100)
+    sources = [{"type": "files", "paths": [str(tmp_path / "in")]}]
+    common = {"split": {"val_fraction": 0.2}, "bad_records": "skip", "shard_bytes": 8192}
+    summaries = {}
+    for reading in ("main", "workers"):
+        cfg = tokenize_config(sources, out_dir=str(tmp_path / reading), reading=reading, **common)
+        assert tokenize.main([str(cfg)]) == 0
+        summaries[reading] = json.loads((tmp_path / reading / "summary.json").read_text())
+    workers, main = tmp_path / "workers", tmp_path / "main"
+    for split in ("train", "val"):
+        assert split_docs(workers, split) == split_docs(main, split)
+    for key in ("documents", "tokens", "bytes", "skipped", "skipped_files", "per_source"):
+        assert summaries["workers"][key] == summaries["main"][key], key
+    assert summaries["workers"]["skipped"] == {"malformed_json": 1, "unknown_extension": 1}
+    records = [json.loads(p.read_text()) for p in sorted((workers / "chunks").glob("[0-9]*.json"))]
+    assert len(records) > 10 and all("documents_digest" in r for r in records)
+    plan = list(FilesReader(FilesSource(**sources[0])).spans(8192))
+    assert sum(1 for path, span, _ in plan if path.name == "a.jsonl" and span) > 10  # 117 KB: cut into spans
+    files = [Path(s["file"]).name for s in json.loads((workers / "meta.json").read_text())["splits"]["train"]["shards"]]
+    assert any(name.endswith("-001.bin") for name in files)  # the gzipped file: one unit, several shards
+
+    (workers / "meta.json").unlink()
+    before = output_bytes(workers)
+    capsys.readouterr()
+    cfg = tokenize_config(sources, out_dir=str(workers), reading="workers", **common)
+    assert tokenize.main([str(cfg)]) == 0
+    assert f"({len(records)} resumed)" in capsys.readouterr().out
+    assert output_bytes(workers) == {**before, "meta.json": (workers / "meta.json").read_bytes()}
+    assert json.loads((workers / "summary.json").read_text())["skipped"] == summaries["workers"]["skipped"]

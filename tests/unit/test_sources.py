@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import json
@@ -312,3 +313,37 @@ def test_a_jsonl_line_past_the_cap_is_skipped_without_holding_it_and_bad_utf16_i
     (tmp_path / "c.csv.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match=r"c\.csv\.gz: cannot read"):
         open_source(files(tmp_path / "c.csv.gz")).check()
+
+
+def test_byte_spans_read_every_line_exactly_once_and_only_where_splitting_is_safe(tmp_path):
+    """Workers read large line-per-document files as byte spans side by side (issue 12, item 9): every cut, at a
+    line end, inside a line, inside a multi-byte character, or right after a UTF-8 BOM, gives each line to exactly
+    one span, and a line longer than a span belongs to the span where it begins. Compressed files, JSON arrays,
+    UTF-16 and whole-file text documents are never cut."""
+    from lmforge.data.files import FilesReader, lines, splittable
+
+    rng = __import__("random").Random(0)
+    texts = ["é" * rng.randint(0, 50) + "x" * rng.choice([1, 10, 3000]) + str(i) for i in range(400)]
+    path = tmp_path / "a.jsonl"
+    data = codecs.BOM_UTF8 + "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
+    path.write_bytes(data)
+    whole = [raw for _, _, raw in lines(path)]
+    for cuts in ([0, len(data)], [0, 1, 2, 3, 4, len(data)], sorted({0, len(data), *rng.sample(range(len(data)), 40)}),
+                 [0, data.index(b"\n") + 1, len(data)], [0, data.index(b"\n"), len(data)]):
+        got = [raw for start, end in zip(cuts, cuts[1:], strict=False) for _, _, raw in lines(path, span=(start, end))]
+        assert got == whole, cuts
+    reader = FilesReader(FilesSource(paths=[str(path)]))
+    spans = list(reader.spans(20_000))
+    assert len(spans) > 10 and all(span is not None for _, span, _ in spans)
+    docs = [t for p, span, _ in spans for t in reader.read_file(p, Policy(), span)]
+    assert docs == texts == list(reader.documents(Policy()))
+
+    assert splittable(path, "auto", "file")
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "c.json").write_text(json.dumps([{"text": t} for t in texts]))
+    (tmp_path / "d.txt").write_bytes("\n".join(texts).encode("utf-16"))
+    (tmp_path / "e.txt").write_text("\n".join(texts))
+    assert not any(splittable(tmp_path / n, "auto", "line") for n in ("b.jsonl.gz", "c.json", "d.txt"))
+    assert splittable(tmp_path / "e.txt", "auto", "line") and not splittable(tmp_path / "e.txt", "auto", "file")
+    arrays = FilesReader(FilesSource(paths=[str(tmp_path / "c.json")]))
+    assert [span for _, span, _ in arrays.spans(1000)] == [None]  # read whole by one worker

@@ -184,6 +184,15 @@ def test_an_encoder_failure_names_the_document(tiny_tokenizer, tmp_path):
     chunks._WORKER["encoder"] = Panics((tiny_tokenizer / "tokenizer.json").read_text())
     with pytest.raises(DataError, match=r"document 2 of chunk 7 \(9 characters, starting 'boom here'\)"):
         chunks.encode_chunk(7, ["fine", "boom here"], [False, False], "d", {})
+    # a worker that reads its own files names the file as well
+    from lmforge.config.tokenize import FilesSource
+
+    (tmp_path / "in.txt").write_text("fine\nboom here\n")
+    chunks.init_worker((tiny_tokenizer / "tokenizer.json").read_text(), True, 0, "<u2", 512, str(tmp_path),
+                       [FilesSource(paths=[str(tmp_path / "in.txt")], txt_documents="line")], {})
+    chunks._WORKER["encoder"] = Panics((tiny_tokenizer / "tokenizer.json").read_text())
+    with pytest.raises(DataError, match=rf"document 2 of unit 3 from {tmp_path / 'in.txt'} \(9 characters"):
+        chunks.encode_unit(3, [(0, str(tmp_path / "in.txt"), None)], "d", {"val_cut": 0.0}, 1 << 20)
 
 
 def test_ignore_merges_decides_whether_a_whole_token_piece_may_skip_the_merges():
