@@ -43,7 +43,7 @@ def chunked(documents, shard_bytes: int, val_cut: float, dedup: bool = False, po
         data = text.encode("utf-8")
         digest = doc_hash(data)
         if dedup:
-            key = int.from_bytes(digest[8:16], "little")  # 8 bytes: a first false duplicate is unlikely below ~1e9
+            key = dedup_key(digest)
             if key in seen:
                 policy.skipped["duplicate"] += 1
                 continue
@@ -96,6 +96,30 @@ def shards_of(record: dict, split: str) -> list[dict]:
     """A record's shards of one split (records of lmforge before 0.x held one shard or None)."""
     entry = record.get(split)
     return [] if entry is None else [entry] if isinstance(entry, dict) else entry
+
+
+def dedup_key(digest: bytes) -> int:
+    """What `dedup: exact` compares: 8 bytes of a document's hash (a first false duplicate is unlikely below ~1e9
+    documents)."""
+    return int.from_bytes(digest[8:16], "little")
+
+
+def duplicates(units: list[Unit], keys_of) -> dict[int, list[int]]:
+    """For `dedup: exact` over units that workers read: each unit's documents (by position) that repeat an earlier
+    document, given the units' key arrays in order (`keys_of`: workers hashing side by side). The drops join each
+    unit's digest: a unit is reused only under the same decisions."""
+    seen: set[int] = set()
+    drops: dict[int, list[int]] = {}
+    for unit, keys in zip(units, keys_of, strict=True):
+        local = []
+        for i, key in enumerate(keys.tolist()):
+            if key in seen:
+                local.append(i)
+            else:
+                seen.add(key)
+        drops[unit.index] = local
+        unit.hasher.update(json.dumps(local).encode())
+    return drops
 
 
 def finished_record(out: Path, chunk: Chunk | Unit, dtype: np.dtype, binding: dict) -> dict | None:
@@ -183,7 +207,17 @@ def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str, bind
     return finish(record)
 
 
-def encode_unit(index: int, pieces: list, digest: str, binding: dict, shard_bytes: int) -> dict:
+def hash_unit(pieces: list) -> np.ndarray:
+    """The dedup keys of one unit's documents, in order (the pass before encoding, under `dedup: exact`)."""
+    policy = Policy(**{**_WORKER["policy"], "report": False})  # the encoding pass reports
+    keys = [dedup_key(doc_hash(piece.encode("utf-8"))) for source, path, span in pieces
+            for text in _WORKER["readers"][source].read_file(Path(path), policy, tuple(span) if span else None)
+            for piece in policy.limit(text)]
+    return np.array(keys, dtype=np.uint64)
+
+
+def encode_unit(index: int, pieces: list, digest: str, binding: dict, shard_bytes: int,
+                drops: list[int] | None = None) -> dict:
     """Read, parse and encode one unit of files or spans (this worker's own reading: the main process only
     planned it), a shard of about `shard_bytes` at a time; then the unit's completion record, which carries the
     documents' digest and the bad-input counts of its reading (a rerun that keeps the unit reports them too)."""
@@ -192,10 +226,15 @@ def encode_unit(index: int, pieces: list, digest: str, binding: dict, shard_byte
     record = {"index": index, "digest": digest, **binding, "sources": {}, "train": [], "val": []}
     hasher = hashlib.blake2b(digest_size=16)
     docs, val, sources, origins, size, total, part = [], [], [], [], 0, 0, 0
+    dropped, position = set(drops or ()), -1
     for source, path, span in pieces:
         reader = w["readers"][source]
         for text in reader.read_file(Path(path), policy, tuple(span) if span else None):
             for piece in policy.limit(text):
+                position += 1
+                if position in dropped:
+                    policy.skipped["duplicate"] += 1
+                    continue
                 data = piece.encode("utf-8")
                 key = doc_hash(data)
                 hasher.update(key)

@@ -4,8 +4,8 @@ Reads top to bottom: config -> sources -> tokenizer (train or load) -> encoder c
 that N worker processes read, parse and encode, each shard published atomically -> meta.json -> summary.
 
 The main process only plans (lists files and cuts large line-per-document files into byte spans); the
-workers read. Only a Hugging Face dataset source or `dedup: exact` makes the main process read and send
-chunks of documents. Memory stays bounded: at most 2 x workers units in flight, each worker holding one
+workers read. Only a Hugging Face dataset source makes the main process read and send chunks of documents
+(`reading: main` asks for that for files too). Memory stays bounded: at most 2 x workers units in flight, each worker holding one
 shard of `shard_bytes` at a time. A rerun skips every unit whose completion record matches (the files,
 their sizes and times; or the documents, for read chunks), so a crashed run resumes and ends
 byte-identical to an uninterrupted one. meta.json is written last; a folder without it is never read
@@ -59,9 +59,12 @@ from lmforge.tokenizer import (
 )
 from pretrain.chunks import (
     chunked,
+    dedup_key,
+    duplicates,
     encode_chunk,
     encode_unit,
     finished_record,
+    hash_unit,
     init_worker,
     input_listing,
     listing_change,
@@ -205,12 +208,12 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
           f"encoder {encoder.kind} ({encoder.reason})")
 
     # -- encode: units of files that workers read, parse and encode themselves (the main process only lists
-    # them: its serial share stays small at any worker count); or, for a Hugging Face dataset and for exact
-    # dedup (which needs every document's hash in order), chunks of documents the main process reads
+    # them: its serial share stays small at any worker count); or, for a Hugging Face dataset, chunks of
+    # documents the main process reads. Exact dedup over units: a hashing pass by the workers first, the main
+    # process deciding in order which documents repeat (8 bytes per document)
     workers = cfg.workers or len(os.sched_getaffinity(0))
     policy = Policy.of(cfg)
-    planned_reading = cfg.reading == "workers" and cfg.dedup != "exact" and all(
-        isinstance(r, FilesReader) for r in readers)
+    planned_reading = cfg.reading == "workers" and all(isinstance(r, FilesReader) for r in readers)
     units = planned(readers, cfg.shard_bytes) if planned_reading else chunked(
         read_sources(readers, policy), cfg.shard_bytes, val_cut, cfg.dedup == "exact", policy)
     totals = [r.total_bytes() for r in readers]
@@ -241,6 +244,12 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=init) as pool:
         pending: dict = {}
         try:
+            drops: dict[int, list[int]] = {}
+            if planned_reading and cfg.dedup == "exact":  # the workers hash every unit first; duplicates in order
+                units = list(units)
+                keys = pool.map(hash_unit, [u.pieces for u in units])
+                drops = duplicates(units, tqdm(keys, total=len(units), desc="dedup pass", unit=" units",
+                                               disable=not cfg.progress, dynamic_ncols=True))
             for chunk in units:
                 if part is not None and chunk.index % part[1] != part[0]:
                     bar.update(chunk.nbytes)  # another array task's: passed over (read past, for read chunks)
@@ -256,7 +265,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
                         collect(pending.pop(future), future.result())
                 if planned_reading:
                     future = pool.submit(encode_unit, chunk.index, chunk.pieces, chunk.digest, binding,
-                                         cfg.shard_bytes)
+                                         cfg.shard_bytes, drops.get(chunk.index))
                 else:
                     future = pool.submit(encode_chunk, chunk.index, chunk.docs, chunk.val, chunk.digest, binding,
                                          chunk.sources)
@@ -397,7 +406,7 @@ def prepass(cfg: TokenizeConfig, readers, need_sample: bool) -> tuple[list[str],
         data = text.encode("utf-8")
         digest = doc_hash(data)
         if cfg.dedup == "exact":  # as the encoding pass drops them: val_docs counts distinct documents
-            key = int.from_bytes(digest[8:16], "little")
+            key = dedup_key(digest)
             if key in seen:
                 continue
             seen.add(key)

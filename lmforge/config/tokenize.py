@@ -142,7 +142,7 @@ class TokenizeConfig(StrictModel):
     """Worker processes for encoding; 0 means one per CPU core."""
     reading: Literal["workers", "main"] = "workers"
     """Who reads local files: the workers, each its own files and byte spans (the main process only lists them),
-    or the main process, which reads and sends documents (always so for Hugging Face datasets and dedup: exact)."""
+    or the main process, which reads and sends documents (always so for Hugging Face datasets)."""
     utf8_errors: Literal["replace", "error"] = "replace"
     """Invalid UTF-8: replace bad bytes with U+FFFD (counted), or stop naming file and byte offset."""
     bad_records: Literal["error", "skip"] = "error"

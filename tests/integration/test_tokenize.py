@@ -425,13 +425,14 @@ def test_lmforge_inspect_reports_counts_sources_and_a_decoded_sample(tmp_path, t
     assert "the train split has documents 0.." in capsys.readouterr().err
 
 
-def test_workers_read_their_own_spans_and_files_into_the_same_documents_as_the_main_process(tmp_path,
+@pytest.mark.parametrize("dedup", ["none", "exact"])
+def test_workers_read_their_own_spans_and_files_into_the_same_documents_as_the_main_process(tmp_path, dedup,
                                                                                              tokenize_config, capsys):
     """Issue 12, item 9: by default the workers read, parse and encode their own files and byte spans; the main
     process only lists them. The documents, their order, their split and the bad-input counts equal those of
     `reading: main` (the main process reading); a large JSONL file is cut into spans, a large compressed one is read
     whole by one worker that writes several shards; a rerun keeps every finished unit without reading it, and still
-    reports what the first run skipped."""
+    reports what the first run skipped. With exact dedup the workers hash first and the same copies are dropped."""
     import gzip
 
     from lmforge.config.tokenize import FilesSource
@@ -439,11 +440,12 @@ def test_workers_read_their_own_spans_and_files_into_the_same_documents_as_the_m
 
     texts = sample_texts(400)
     write_jsonl(tmp_path / "in" / "a.jsonl", [{"text": t} for t in texts[:250]])
-    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts[250:]) + "{broken\n"
+    repeats = texts[10:40] + texts[300:310]  # duplicates of a span's and of the compressed file's documents
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts[250:] + repeats) + "{broken\n"
     (tmp_path / "in" / "b.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
     (tmp_path / "in" / "c.bin").write_bytes(b"\0" * 100)
     sources = [{"type": "files", "paths": [str(tmp_path / "in")]}]
-    common = {"split": {"val_fraction": 0.2}, "bad_records": "skip", "shard_bytes": 8192}
+    common = {"split": {"val_fraction": 0.2}, "bad_records": "skip", "shard_bytes": 8192, "dedup": dedup}
     summaries = {}
     for reading in ("main", "workers"):
         cfg = tokenize_config(sources, out_dir=str(tmp_path / reading), reading=reading, **common)
@@ -454,7 +456,9 @@ def test_workers_read_their_own_spans_and_files_into_the_same_documents_as_the_m
         assert split_docs(workers, split) == split_docs(main, split)
     for key in ("documents", "tokens", "bytes", "skipped", "skipped_files", "per_source"):
         assert summaries["workers"][key] == summaries["main"][key], key
-    assert summaries["workers"]["skipped"] == {"malformed_json": 1, "unknown_extension": 1}
+    assert summaries["workers"]["skipped"] == {"malformed_json": 1, "unknown_extension": 1,
+                                               **({"duplicate": 40} if dedup == "exact" else {})}
+    assert summaries["workers"]["documents"] == 400 + 40 * (dedup == "none")
     records = [json.loads(p.read_text()) for p in sorted((workers / "chunks").glob("[0-9]*.json"))]
     assert len(records) > 10 and all("documents_digest" in r for r in records)
     plan = list(FilesReader(FilesSource(**sources[0])).spans(8192))
