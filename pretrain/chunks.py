@@ -1,6 +1,7 @@
-"""The chunks of `lmforge tokenize`: documents grouped into units of parallel work, each encoded by a worker
-process into its train and val shards and recorded as finished, so that a rerun reuses exactly the chunks that
-still hold the same documents, split and tokenizer (pretrain/tokenize.py reads top to bottom around these)."""
+"""The units of work of `lmforge tokenize`: files (or byte spans of one) that a worker reads, parses and encodes
+itself, or chunks of documents the main process read (Hugging Face datasets, `reading: main`); each is encoded
+into its train and val shards and recorded as finished, so that a rerun reuses exactly the units whose files (or
+documents), split and tokenizer are unchanged (pretrain/tokenize.py reads top to bottom around these)."""
 
 from __future__ import annotations
 
@@ -81,10 +82,11 @@ def planned(readers, target: int):
     unit = Unit(0)
     for source, reader in enumerate(readers):
         for path, span, size in reader.spans(target):
-            st = path.stat()
+            st = path.stat()  # a file rewritten at the same size within a second (Lustre) changes inode or ctime
             unit.pieces.append((source, str(path), span))
             unit.nbytes += size
-            unit.hasher.update(json.dumps([source, str(path), span, st.st_size, st.st_mtime_ns]).encode())
+            unit.hasher.update(json.dumps([source, str(path), span, st.st_size, st.st_mtime_ns, st.st_ino,
+                                           st.st_ctime_ns]).encode())
             if unit.nbytes >= target:
                 yield unit
                 unit = Unit(unit.index + 1)
@@ -123,20 +125,16 @@ def duplicates(units: list[Unit], keys_of) -> dict[int, list[int]]:
 
 
 def finished_record(out: Path, chunk: Chunk | Unit, dtype: np.dtype, binding: dict) -> dict | None:
-    """The completion record of a chunk a previous run finished, if it holds exactly these documents, split by
-    the same cut and encoded by the same tokenizer (an input that changed moves `split.val_docs`' cut)."""
+    """The completion record of a chunk or unit a previous run finished, if it holds exactly these documents (a
+    read chunk) or these files unchanged (a unit: paths, spans, sizes, times, inodes), split by the same cut and
+    encoded by the same tokenizer (an input that changed moves `split.val_docs`' cut)."""
     path = out / "chunks" / f"{chunk.index:06d}.json"
     if not path.exists():
         return None
     record = read_json(path)
     if record.get("digest") != chunk.digest or any(record.get(k) != v for k, v in binding.items()):
         return None
-    for split in SPLITS:
-        for shard in shards_of(record, split):
-            if (not (out / shard["file"]).exists()
-                    or (out / shard["file"]).stat().st_size != shard["tokens"] * dtype.itemsize):
-                return None
-    return record
+    return record if shards_present(out, record, dtype) else None
 
 
 def per_source(records: dict[int, dict], readers) -> list[dict]:
@@ -235,6 +233,9 @@ def encode_unit(index: int, pieces: list, digest: str, binding: dict, shard_byte
                 if position in dropped:
                     policy.skipped["duplicate"] += 1
                     continue
+                if size >= shard_bytes:  # a full shard and more to come: this unit has several
+                    encode_part(record, part, docs, val, sources, origins, part_record=True)
+                    docs, val, sources, origins, total, size, part = [], [], [], [], total + size, 0, part + 1
                 data = piece.encode("utf-8")
                 key = doc_hash(data)
                 hasher.update(key)
@@ -243,16 +244,41 @@ def encode_unit(index: int, pieces: list, digest: str, binding: dict, shard_byte
                 sources.append(source)
                 origins.append(path)
                 size += len(data)
-                if size >= shard_bytes:
-                    encode_group(record, f"{index:06d}-{part:03d}", docs, val, sources, f"unit {index}", origins)
-                    docs, val, sources, origins, total, size, part = [], [], [], [], total + size, 0, part + 1
     if docs:
-        encode_group(record, f"{index:06d}-{part:03d}", docs, val, sources, f"unit {index}", origins)
+        encode_part(record, part, docs, val, sources, origins, part_record=part > 0)
     record["bytes"] = total + size
     record["documents_digest"] = hasher.hexdigest()
     record["policy"] = {"skipped": dict(policy.skipped), "skipped_files": policy.skipped_files,
                         "split_documents": policy.split_documents, "replaced_docs": policy.replaced_docs}
     return finish(record)
+
+
+def encode_part(record: dict, part: int, docs: list[str], val: list[bool], sources: list[int], origins: list[str],
+                part_record: bool) -> None:
+    """Shard `part` of a unit. A unit of several shards (a large compressed file, read whole by one worker) records
+    each as it is written: a rerun after a crash reads the unit again but does not encode its finished shards."""
+    w = _WORKER
+    name = f"{record['index']:06d}-{part:03d}"
+    path = w["out"] / "chunks" / f"{name}.json"
+    binding = {k: v for k, v in record.items() if k not in ("index", "sources", "train", "val")}
+    done = read_json(path) if part_record and path.exists() else None
+    if not (done and all(done.get(k) == v for k, v in binding.items()) and shards_present(w["out"], done, w["dtype"])):
+        done = {**binding, "sources": {}, "train": [], "val": []}
+        encode_group(done, name, docs, val, sources, f"unit {record['index']}", origins)
+        if part_record:
+            atomic.write_json(path, done)
+    for split in SPLITS:
+        record[split] += done[split]
+    for source, (documents, tokens) in done["sources"].items():
+        counts = record["sources"].setdefault(source, [0, 0])
+        counts[0] += documents
+        counts[1] += tokens
+
+
+def shards_present(out: Path, record: dict, dtype: np.dtype) -> bool:
+    """Every shard a record names is on disk at its full size."""
+    return all((out / shard["file"]).exists() and (out / shard["file"]).stat().st_size == shard["tokens"] * dtype.itemsize
+               for split in SPLITS for shard in shards_of(record, split))
 
 
 def finish(record: dict) -> dict:

@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -226,7 +226,6 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         nonlocal docs, nbytes, tokens, peak_worker, fallbacks
         peak_worker = max(peak_worker, record.pop("peak_rss", 0))
         fallbacks += record.pop("fallbacks", 0)
-        merge_counts(policy, record.get("policy"))  # a worker's reading: its bad-input counts
         records[record["index"]] = record
         docs += sum(s["documents"] for split in SPLITS for s in shards_of(record, split))
         tokens += sum(s["tokens"] for split in SPLITS for s in shards_of(record, split))
@@ -270,7 +269,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
                     future = pool.submit(encode_chunk, chunk.index, chunk.docs, chunk.val, chunk.digest, binding,
                                          chunk.sources)
                 pending[future] = chunk.nbytes
-            for future in list(pending):
+            for future in as_completed(list(pending)):  # a failure surfaces as soon as it happens
                 collect(pending.pop(future), future.result())
         except BaseException:
             for future in pending:
@@ -289,6 +288,8 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
 
     # -- meta.json last: its presence marks the output complete ---------------------------------
     count = len(records)
+    for i in range(count):  # the workers' bad-input counts, in unit order (the files listed are the same each run)
+        merge_counts(policy, records[i].get("policy"))
     for reader, entry in zip(readers, per_source(records, readers), strict=True):
         if entry["documents"] == 0:
             raise DataError(f"source {reader.describe()} yielded no documents (skipped: "
@@ -297,7 +298,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     for i in range(count):
         fingerprint.update(records[i].get("documents_digest", records[i]["digest"]).encode())
     for stale in (out / "chunks").glob("[0-9]*.json"):  # records from a longer earlier version of the data
-        if int(stale.stem) >= count:
+        if int(stale.stem.partition("-")[0]) >= count:
             stale.unlink()
     splits = {}
     for split in SPLITS:

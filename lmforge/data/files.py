@@ -132,6 +132,8 @@ def _span_lines(path: Path, limit: int, start: int, end: int) -> Iterator[tuple[
             offset = start - 1
             while (piece := f.readline(LINE_PIECE_BYTES)) and not piece.endswith(b"\n"):
                 offset += len(piece)
+                if offset >= end:  # a line longer than the span: it began before it, no line begins in it
+                    return
             offset += len(piece)
         at_start = True  # the next piece begins a line
         while (at_start and offset < end or not at_start) and (line := f.readline(limit)):
@@ -153,7 +155,8 @@ def splittable(path: Path, fmt: str, txt_documents: str) -> bool:
         return False  # the worker that reads it whole reports it
     if any(head.startswith(bom) for bom, enc in BOMS if enc != "utf-8") or b"\0" in head:
         return False
-    return not (kind == "jsonl" and head.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["))
+    text = head.removeprefix(codecs.BOM_UTF8).lstrip()
+    return kind != "jsonl" or bool(text) and not text.startswith(b"[")  # (8 KiB of blanks: read it whole)
 
 
 def whole_lines(path: Path, cap: int, span: tuple[int, int] | None = None) -> Iterator[tuple[int, int, bytes | None]]:
@@ -309,22 +312,23 @@ class FilesReader(Reader):
         yield from gather.end()
 
     def _jsonl(self, path: Path, policy: Policy, span: tuple[int, int] | None = None) -> Iterator[str]:
-        numbered = lines(path, span=span)
-        first = next(((n, o, raw) for n, o, raw in numbered if raw.strip()), None)
-        if first is None:
-            return
-        if span is None and first[2].lstrip().startswith(b"["):  # a .json file holding one array of records
-            blob = first[2] + b"".join(raw for _, _, raw in numbered)
-            try:
-                records = json.loads(policy.decode(blob, str(path)))
-            except json.JSONDecodeError as e:
-                policy.bad_record(f"{path}:{first[0] + e.lineno - 1}", f"malformed JSON array: {e.msg}",
-                                  "malformed_json")
+        if span is None:  # (a span's file holds no array: see `splittable`)
+            numbered = lines(path)
+            first = next(((n, o, raw) for n, o, raw in numbered if raw.strip()), None)
+            if first is None:
                 return
-            for i, record in enumerate(records if isinstance(records, list) else []):
-                yield from self._record(record, f"{path}: record {i + 1}", policy)
-            return
-        numbered.close()
+            if first[2].lstrip().startswith(b"["):  # a .json file holding one array of records
+                blob = first[2] + b"".join(raw for _, _, raw in numbered)
+                try:
+                    records = json.loads(policy.decode(blob, str(path)))
+                except json.JSONDecodeError as e:
+                    policy.bad_record(f"{path}:{first[0] + e.lineno - 1}", f"malformed JSON array: {e.msg}",
+                                      "malformed_json")
+                    return
+                for i, record in enumerate(records if isinstance(records, list) else []):
+                    yield from self._record(record, f"{path}: record {i + 1}", policy)
+                return
+            numbered.close()
         cap = policy.max_document_bytes
         # a record is not split: a line longer than twice the document cap (JSON escapes lengthen text) is
         # skipped whole, never held whole in memory

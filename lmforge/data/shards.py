@@ -2,9 +2,13 @@
 
     DATA_DIR/meta.json            written last: its presence means the output is complete
     DATA_DIR/tokenizer/           Hugging Face tokenizer folder
-    DATA_DIR/{train,val}/NNNNNN.bin   token ids, little-endian uint16 (vocab <= 65,536) or uint32
-    DATA_DIR/{train,val}/NNNNNN.idx   uint64 end offset (in tokens, EOS included) of each document
-    DATA_DIR/chunks/NNNNNN.json   per-shard completion record (resume reads these)
+    DATA_DIR/{train,val}/NNNNNN-KKK.bin   token ids, little-endian uint16 (vocab <= 65,536) or uint32
+    DATA_DIR/{train,val}/NNNNNN-KKK.idx   uint64 end offset (in tokens, EOS included) of each document
+    DATA_DIR/chunks/NNNNNN.json   per-unit completion record (resume reads these); NNNNNN-KKK.json for
+                                  each shard of a unit of several (a large compressed file)
+
+Shards are named by unit N and shard K within it (NNNNNN alone where the main process read the documents,
+or for data tokenized before units existed); readers take the list and order from meta.json.
 
 Every document is followed by the EOS id. Files are written under a temporary name and renamed,
 so a crash leaves either a complete file or a `.tmp` one that nothing reads.

@@ -230,7 +230,7 @@ def test_an_array_tokenization_equals_the_one_node_output(slurm, tmp_path):
     assert max(t["EndTime"] for t in tasks) <= fields["StartTime"]
     logs = [Path(t["StdOut"]).read_text() for t in tasks]
     assert all(f"part {i}/3: " in log for i, log in enumerate(logs))
-    chunks = len(list((tmp_path / "array" / "chunks").glob("[0-9]*.json")))
+    chunks = len([p for p in (tmp_path / "array" / "chunks").glob("[0-9]*.json") if p.stem.isdigit()])  # units
     assert chunks >= 3 and f"({chunks} resumed)" in Path(fields["StdOut"]).read_text()  # the array encoded them all
     assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'one'}"]) == 0
     produced = {p.relative_to(tmp_path / "array"): p.read_bytes() for p in sorted((tmp_path / "array").rglob("*"))

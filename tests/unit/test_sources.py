@@ -324,12 +324,14 @@ def test_byte_spans_read_every_line_exactly_once_and_only_where_splitting_is_saf
 
     rng = __import__("random").Random(0)
     texts = ["é" * rng.randint(0, 50) + "x" * rng.choice([1, 10, 3000]) + str(i) for i in range(400)]
+    texts[200] = "y" * 200_000  # a line across many spans: the spans inside it read nothing
     path = tmp_path / "a.jsonl"
     data = codecs.BOM_UTF8 + "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode()
     path.write_bytes(data)
     whole = [raw for _, _, raw in lines(path)]
     for cuts in ([0, len(data)], [0, 1, 2, 3, 4, len(data)], sorted({0, len(data), *rng.sample(range(len(data)), 40)}),
-                 [0, data.index(b"\n") + 1, len(data)], [0, data.index(b"\n"), len(data)]):
+                 [0, data.index(b"\n") + 1, len(data)], [0, data.index(b"\n"), len(data)],
+                 list(range(0, len(data), 1000)) + [len(data)]):
         got = [raw for start, end in zip(cuts, cuts[1:], strict=False) for _, _, raw in lines(path, span=(start, end))]
         assert got == whole, cuts
     reader = FilesReader(FilesSource(paths=[str(path)]))
