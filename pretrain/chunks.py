@@ -82,7 +82,7 @@ def planned(readers, target: int):
     unit = Unit(0)
     for source, reader in enumerate(readers):
         for path, span, size in reader.spans(target):
-            st = path.stat()  # a file rewritten at the same size within a second (Lustre) changes inode or ctime
+            st = reader.stat(path)  # a file rewritten at the same size within a second (Lustre) changes inode or ctime
             unit.pieces.append((source, str(path), span))
             unit.nbytes += size
             unit.hasher.update(json.dumps([source, str(path), span, st.st_size, st.st_mtime_ns, st.st_ino,
@@ -153,7 +153,7 @@ def input_listing(readers) -> dict[str, list[int]]:
     for reader in readers:
         for path in reader.files() if hasattr(reader, "files") else []:
             try:
-                st = path.stat()
+                st = reader.stat(path)
             except OSError:  # gone since it was listed: the reading reports it
                 continue
             out[str(path)] = [st.st_size, st.st_mtime_ns]

@@ -274,6 +274,9 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         except BaseException:
             for future in pending:
                 future.cancel()
+            if pending:  # a worker still on a long unit (a large compressed file) would hold the error back for hours
+                for child in multiprocessing.active_children():
+                    child.terminate()
             raise
         finally:
             if bar.total is not None:  # file sizes estimate the text: replaced bytes can make it longer

@@ -189,6 +189,7 @@ class FilesReader(Reader):
         self.spec = spec
         self._files: list[Path] | None = None
         self.left_out: list[Path] = []  # hidden and metadata files of folders and globs
+        self._stats: dict[Path, os.stat_result] = {}
 
     def describe(self) -> str:
         paths = self.spec.paths
@@ -256,8 +257,16 @@ class FilesReader(Reader):
                     raise DataError(f"{path}: no column '{self.spec.text_field}'; columns are {names} "
                                     f"(set text_field to the column holding the text)")
 
+    def stat(self, path: Path) -> os.stat_result:
+        """A file's stat, taken once per run: listing, sizes, spans and the plan all ask (at a million files on a
+        shared filesystem, each extra pass is a million metadata requests)."""
+        st = self._stats.get(path)
+        if st is None:
+            st = self._stats[path] = path.stat()
+        return st
+
     def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files())
+        return sum(self.stat(p).st_size for p in self.files())
 
     def documents(self, policy: Policy) -> Iterator[str]:
         for path in self.files():
@@ -267,7 +276,7 @@ class FilesReader(Reader):
         """(path, byte span or None for the whole file, bytes) of every file in order: what workers read side by
         side. A plain line-per-document file (`splittable`) larger than 2 x `target` comes as spans of ~`target`."""
         for path in self.files():
-            size = path.stat().st_size
+            size = self.stat(path).st_size
             if size <= 2 * target or not splittable(path, self.spec.format, self.spec.txt_documents):
                 yield path, None, size
                 continue

@@ -479,3 +479,23 @@ def test_workers_read_their_own_spans_and_files_into_the_same_documents_as_the_m
     assert output_bytes(workers) == {**before, "meta.json": (workers / "meta.json").read_bytes()}
     assert {f: (workers / f).stat().st_ino for f in kept} == kept
     assert json.loads((workers / "summary.json").read_text())["skipped"] == summaries["workers"]["skipped"]
+
+
+def test_a_bad_record_stops_the_run_without_waiting_for_a_long_unit(tmp_path, tokenize_config, capsys):
+    """A worker's error ends the run at once: the other workers' running units (here a large compressed file that
+    one worker reads whole, ~10 s) are stopped, not waited for; their half-written files are cleared next run."""
+    import gzip
+
+    texts = sample_texts(200)
+    (tmp_path / "in").mkdir()
+    big = "".join(json.dumps({"text": f"{i} {texts[i % 200]}"}) + "\n" for i in range(150_000))
+    (tmp_path / "in" / "a.jsonl.gz").write_bytes(gzip.compress(big.encode(), compresslevel=1))
+    (tmp_path / "in" / "b.jsonl").write_text('{"text": "fine"}\n{broken\n')
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "in")]}], shard_bytes=1 << 20)  # two units
+    started = time.time()
+    assert tokenize.main([str(cfg)]) == 1
+    assert time.time() - started < 6
+    assert "b.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert tokenize.main([str(cfg), "bad_records=skip", f"out_dir={tmp_path / 'whole'}"]) == 0
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    assert summary["documents"] == 150_001 and summary["encode_seconds"] > 8  # what the failing run did not wait for

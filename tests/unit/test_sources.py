@@ -349,3 +349,31 @@ def test_byte_spans_read_every_line_exactly_once_and_only_where_splitting_is_saf
     assert splittable(tmp_path / "e.txt", "auto", "line") and not splittable(tmp_path / "e.txt", "auto", "file")
     arrays = FilesReader(FilesSource(paths=[str(tmp_path / "c.json")]))
     assert [span for _, span, _ in arrays.spans(1000)] == [None]  # read whole by one worker
+
+
+def test_the_plan_stats_each_input_file_once(tmp_path, monkeypatch):
+    """Listing changes, the progress bar's size, the spans and the plan digest all need a file's stat: one per file
+    per run (at a million files on Lustre, each extra pass is a million metadata requests from the main process)."""
+    from collections import Counter
+    from pathlib import Path
+
+    from lmforge.data.files import FilesReader
+    from pretrain.chunks import input_listing, planned
+
+    for i in range(20):
+        (tmp_path / f"{i:02d}.jsonl").write_text(json.dumps({"text": f"document {i}"}) + "\n")
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": "x" * 100}) + "\n" for _ in range(2000)))
+    reader = FilesReader(FilesSource(paths=[str(tmp_path)]))
+    reader.files()
+    calls: Counter = Counter()
+    original = Path.stat
+
+    def counted(self, *args, **kwargs):
+        calls[self.name] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", counted)
+    assert len(input_listing([reader])) == 21 and reader.total_bytes() > 200_000
+    units = list(planned([reader], 16_384))
+    assert sum(1 for u in units for piece in u.pieces if piece[2]) > 10  # the big file came as spans
+    assert set(calls) == {p.name for p in reader.files()} and max(calls.values()) == 1
