@@ -586,8 +586,8 @@ def fix_zero3_universal_load(engine, folder: Path) -> None:
         return
     # weights_only=False: a pickle DeepSpeed's converter wrote for this run, inside this run's own checkpoint
     # folder (never a foreign file)
-    saved = torch.load(folder / UNIVERSAL / "zero" / "optimizer_state.pt", map_location="cpu",  # only a file
-                       weights_only=False)  # this run wrote itself (weights_only=False is safe for it alone)
+    written = folder / UNIVERSAL / "zero" / "optimizer_state.pt"
+    saved = torch.load(written, map_location="cpu", weights_only=False)  # only a file this run wrote itself
     optimizer = engine.optimizer.optimizer
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
     for group, saved_group in zip(optimizer.param_groups, saved_groups, strict=True):
@@ -622,8 +622,8 @@ def state_dict_from_checkpoint(folder: Path, tag: str) -> dict:
         raise EngineError(f"{tag_dir}: no model states (mp_rank_00_model_states.pt) in this checkpoint")
     # weights_only=False: DeepSpeed's model states hold non-tensor objects; this run wrote the file itself
     # (see the docstring: only checkpoints inside the run's own folder are read)
-    # only for a file this run wrote itself: weights_only=False is safe for it alone
-    return dict(torch.load(states, map_location="cpu", weights_only=False)["module"])
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]  # only a file this run wrote itself
+    return dict(module)
 
 
 # --------------------------------------------------------------------------------------------------
