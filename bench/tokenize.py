@@ -14,7 +14,8 @@ workers, and each runs in a process of its own so that its peak memory is its ow
   lmforge-jsonl  the same documents as one JSONL file; with every lmforge run, the main process's CPU per GB
                  and the worker count at which it saturates (workers' CPU / main's: Amdahl's limit); once as
                  lmforge runs by default (workers read their own byte spans) and once with `reading: main`
-                 (the main process reads and sends documents: how it was before)
+                 (the main process reads and sends documents: how it was before); and twice more with the survey
+                 before encoding (a tokenizer trained on a 2 MB sample, val_docs, exact dedup), its own serial share
   datasets.map   what a user writes today (nanoGPT's prepare.py shape): `load_dataset("text")`,
                  `map(tokenizer, batched=True, num_proc=N)`, then concatenate into one uint16 file
   lmforge xK     lmforge on K copies of the corpus: peak memory must not grow with the input
@@ -155,6 +156,10 @@ def child_datasets_map(work: Path, files: list[Path], workers: int) -> dict:
             "peak_rss_bytes": peak_rss(), "peak_rss_worker_bytes": children}
 
 
+SURVEY = {"tokenizer": {"train": {"vocab_size": 8192, "sample_bytes": 2_000_000}}, "split": {"val_docs": 20},
+          "dedup": "exact"}
+
+
 def run_child(name: str, work: Path, args: argparse.Namespace, env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--work", str(work), "--workers", str(args.workers)]
     if args.limit_docs:
@@ -188,7 +193,7 @@ def run_lmforge(work: Path, name: str, sources: list, workers: int, fast: bool =
             "peak_rss_bytes": summary["peak_rss_main_bytes"], "peak_rss_worker_bytes": summary["peak_rss_worker_bytes"],
             "encode_cpu_seconds": summary["encode_cpu_seconds"], "serial_share": summary["serial_share"],
             "main_cpu_seconds_per_gb": summary["main_cpu_seconds_per_gb"],
-            "workers_at_saturation": summary["workers_at_saturation"]}
+            "workers_at_saturation": summary["workers_at_saturation"], "survey": summary["survey"]}
 
 
 def jsonl_corpus(work: Path, files: list[Path]) -> Path:
@@ -197,6 +202,18 @@ def jsonl_corpus(work: Path, files: list[Path]) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for text in corpus_texts(files):
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return path
+
+
+def scaled_jsonl(work: Path, copies: int) -> Path:
+    """`copies` distinct copies of corpus.jsonl in one file: each document prefixed with its copy's number, so that
+    none is a duplicate of another."""
+    path = work / f"corpus_x{copies}.jsonl"
+    lines = (work / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    with open(path, "w", encoding="utf-8") as f:
+        for k in range(copies):
+            for line in lines:
+                f.write(json.dumps({"text": f"copy {k}\n" + json.loads(line)["text"]}, ensure_ascii=False) + "\n")
     return path
 
 
@@ -274,6 +291,12 @@ def main() -> int:
         # before issue 12's item 9: the main process reads, parses and hashes, the workers only encode
         ("lmforge_jsonl_main_reading", lambda: run_lmforge(work, "lmforge_jsonl_main", [
             {"type": "files", "paths": [str(work / "corpus.jsonl")]}], args.workers, reading="main")),
+        # the pass before encoding (a tokenizer trained on a 2 MB sample, 20 documents held out, exact dedup): the
+        # workers read for it, or (before) the main process read the whole corpus for it
+        ("lmforge_jsonl_survey", lambda: run_lmforge(work, "lmforge_jsonl_survey", [
+            {"type": "files", "paths": [str(work / "corpus.jsonl")]}], args.workers, **SURVEY)),
+        ("lmforge_jsonl_survey_main_reading", lambda: run_lmforge(work, "lmforge_jsonl_survey_main", [
+            {"type": "files", "paths": [str(work / "corpus.jsonl")]}], args.workers, reading="main", **SURVEY)),
         ("datasets_map", lambda: run_child("datasets_map", work, args, {"TOKENIZERS_PARALLELISM": "false"})),
     ]
     for name, step in steps:
@@ -286,6 +309,13 @@ def main() -> int:
         scaled = run_lmforge(work, f"lmforge_x{args.scale}", [{"type": "files", "paths": [str(corpus)]}], args.workers)
         results[f"lmforge_x{args.scale}"] = rates(scaled, scaled["bytes"])
         shutil.rmtree(corpus)
+        # the survey's serial share past its fixed costs (pool start-up, the first wave of sample candidates): K
+        # distinct copies of the JSONL corpus (each document prefixed with its copy's number)
+        big_jsonl = scaled_jsonl(work, args.scale)
+        survey = run_lmforge(work, f"lmforge_jsonl_survey_x{args.scale}", [{"type": "files", "paths": [str(big_jsonl)]}],
+                             args.workers, **SURVEY)
+        results[f"lmforge_jsonl_survey_x{args.scale}"] = rates(survey, survey["bytes"])
+        big_jsonl.unlink()
         r = results[f"lmforge_x{args.scale}"]
         print(f"[bench] {f'lmforge x{args.scale}':22s} {r['seconds']:7.2f} s  {r['mb_per_s']:7.2f} MB/s  "
               f"peak RSS main {r['peak_rss_bytes'] / 1e6:.1f} MB, worker {r['peak_rss_worker_bytes'] / 1e6:.1f} MB")
@@ -306,6 +336,13 @@ def main() -> int:
         "workers_at_saturation_jsonl": results["lmforge_jsonl"]["workers_at_saturation"],
         "main_cpu_seconds_per_gb_jsonl_main_reading": results["lmforge_jsonl_main_reading"]["main_cpu_seconds_per_gb"],
         "workers_at_saturation_jsonl_main_reading": results["lmforge_jsonl_main_reading"]["workers_at_saturation"],
+        # the same for the survey before encoding (tokenizer sample, val_docs cut, dedup decisions)
+        "survey_main_cpu_seconds_per_gb_jsonl": results["lmforge_jsonl_survey"]["survey"]["main_cpu_seconds_per_gb"],
+        "survey_main_cpu_seconds_per_gb_jsonl_main_reading":
+            results["lmforge_jsonl_survey_main_reading"]["survey"]["main_cpu_seconds_per_gb"],
+        "survey_workers_at_saturation_jsonl": results["lmforge_jsonl_survey"]["survey"]["workers_at_saturation"],
+        "survey_seconds_jsonl": results["lmforge_jsonl_survey"]["survey"]["seconds"],
+        "survey_seconds_jsonl_main_reading": results["lmforge_jsonl_survey_main_reading"]["survey"]["seconds"],
     }
     if args.scale > 1:
         big, small = results[f"lmforge_x{args.scale}"], results["lmforge"]
@@ -315,6 +352,11 @@ def main() -> int:
         ratios["lmforge_marginal_vs_encode_batch"] = round(marginal / mb["encode_batch"], 2)
         ratios["peak_rss_main_growth_at_scale"] = round(big["peak_rss_bytes"] / small["peak_rss_bytes"], 2)
         ratios["peak_rss_worker_growth_at_scale"] = round(big["peak_rss_worker_bytes"] / small["peak_rss_worker_bytes"], 2)
+        big, small = results[f"lmforge_jsonl_survey_x{args.scale}"], results["lmforge_jsonl_survey"]
+        grown = {who: big["survey"]["cpu_seconds"][who] - small["survey"]["cpu_seconds"][who] for who in ("main", "workers")}
+        # the survey's main-process CPU per GB past its fixed costs, and where it would saturate (Amdahl)
+        ratios["survey_marginal_main_cpu_seconds_per_gb"] = round(grown["main"] / ((big["bytes"] - small["bytes"]) / 1e9), 2)
+        ratios["survey_marginal_workers_at_saturation"] = round(grown["workers"] / max(grown["main"], 1e-9), 1)
     report = {
         "benchmark": "tokenize",
         "date": time.strftime("%Y-%m-%d"),
@@ -366,10 +408,16 @@ def write_table(report: dict, path: Path) -> None:
         row("lmforge tokenize, JSONL", "lmforge_jsonl", "the same documents as one JSONL file (end to end)"),
         row("lmforge tokenize, JSONL, `reading: main`", "lmforge_jsonl_main_reading",
             "the same, the main process reading (before workers read)"),
+        row("lmforge tokenize, JSONL, with the survey", "lmforge_jsonl_survey",
+            "training its tokenizer (2 MB sample), val_docs, exact dedup"),
+        row("lmforge tokenize, JSONL, with the survey, `reading: main`", "lmforge_jsonl_survey_main_reading",
+            "the same, the main process reading for the survey and the encoding (before)"),
         row("`datasets.map` + concatenate", "datasets_map", "nanoGPT `prepare.py` shape (end to end)"),
     ]
     if f"lmforge_x{scale}" in r:
         lines.append(row(f"lmforge tokenize, {scale}x corpus", f"lmforge_x{scale}", f"{scale}x the input, end to end"))
+        lines.append(row(f"lmforge tokenize, JSONL with the survey, {scale}x", f"lmforge_jsonl_survey_x{scale}",
+                         f"{scale} distinct copies of the JSONL corpus, training its tokenizer, val_docs, exact dedup"))
     lines += [
         "",
         "| ratio | measured | target |",
@@ -391,10 +439,19 @@ def write_table(report: dict, path: Path) -> None:
         f"{ratio['workers_at_saturation_files']:.1f} | |",
         f"| workers before the main process saturates, JSONL: workers read / main reads (before) | "
         f"{ratio['workers_at_saturation_jsonl']:.1f} / {ratio['workers_at_saturation_jsonl_main_reading']:.1f} | |",
+        f"| the survey before encoding (2 MB tokenizer sample, val_docs, exact dedup), JSONL: the main process's CPU "
+        f"per GB, workers read / main reads (before) | {ratio['survey_main_cpu_seconds_per_gb_jsonl']:.1f} s / "
+        f"{ratio['survey_main_cpu_seconds_per_gb_jsonl_main_reading']:.1f} s | |",
+        f"| the survey: seconds, workers read / main reads; workers before the main process saturates | "
+        f"{ratio['survey_seconds_jsonl']:.1f} s / {ratio['survey_seconds_jsonl_main_reading']:.1f} s; "
+        f"{ratio['survey_workers_at_saturation_jsonl']:.1f} | |",
     ]
     if "peak_rss_main_growth_at_scale" in ratio:
         lines += [f"| lmforge past start-up ({ratio['lmforge_marginal_mb_per_s']:.1f} MB/s, from the 1x and {scale}x runs) "
                   f"/ raw encode_batch | {ratio['lmforge_marginal_vs_encode_batch']:.2f}x | |",
+                  f"| the survey past its fixed costs (from the 1x and {scale}x JSONL runs): the main process's CPU per "
+                  f"GB; workers before it saturates | {ratio['survey_marginal_main_cpu_seconds_per_gb']:.2f} s; "
+                  f"{ratio['survey_marginal_workers_at_saturation']:.0f} | |",
                   f"| peak RSS at {scale}x input / at 1x: main process | {ratio['peak_rss_main_growth_at_scale']:.2f}x | ~1x |",
                   f"| peak RSS at {scale}x input / at 1x: worker | {ratio['peak_rss_worker_growth_at_scale']:.2f}x | ~1x |"]
     lines.append(END)

@@ -18,6 +18,7 @@ from lmforge.data.shards import SPLITS, write_shard
 from lmforge.data.sources import DataError, Policy, doc_hash, hash_fraction
 from lmforge.throughput import peak_rss
 from lmforge.tokenizer import Encoder
+from pretrain.survey import Wants, dedup_key, survey_docs
 
 
 @dataclass
@@ -82,11 +83,9 @@ def planned(readers, target: int):
     unit = Unit(0)
     for source, reader in enumerate(readers):
         for path, span, size in reader.spans(target):
-            st = reader.stat(path)  # a file rewritten at the same size within a second (Lustre) changes inode or ctime
             unit.pieces.append((source, str(path), span))
             unit.nbytes += size
-            unit.hasher.update(json.dumps([source, str(path), span, st.st_size, st.st_mtime_ns, st.st_ino,
-                                           st.st_ctime_ns]).encode())
+            unit.hasher.update(json.dumps([source, str(path), span, *reader.identity(path)]).encode())
             if unit.nbytes >= target:
                 yield unit
                 unit = Unit(unit.index + 1)
@@ -98,30 +97,6 @@ def shards_of(record: dict, split: str) -> list[dict]:
     """A record's shards of one split (records of lmforge before 0.x held one shard or None)."""
     entry = record.get(split)
     return [] if entry is None else [entry] if isinstance(entry, dict) else entry
-
-
-def dedup_key(digest: bytes) -> int:
-    """What `dedup: exact` compares: 8 bytes of a document's hash (a first false duplicate is unlikely below ~1e9
-    documents)."""
-    return int.from_bytes(digest[8:16], "little")
-
-
-def duplicates(units: list[Unit], keys_of) -> dict[int, list[int]]:
-    """For `dedup: exact` over units that workers read: each unit's documents (by position) that repeat an earlier
-    document, given the units' key arrays in order (`keys_of`: workers hashing side by side). The drops join each
-    unit's digest: a unit is reused only under the same decisions."""
-    seen: set[int] = set()
-    drops: dict[int, list[int]] = {}
-    for unit, keys in zip(units, keys_of, strict=True):
-        local = []
-        for i, key in enumerate(keys.tolist()):
-            if key in seen:
-                local.append(i)
-            else:
-                seen.add(key)
-        drops[unit.index] = local
-        unit.hasher.update(json.dumps(local).encode())
-    return drops
 
 
 def finished_record(out: Path, chunk: Chunk | Unit, dtype: np.dtype, binding: dict) -> dict | None:
@@ -186,12 +161,12 @@ def read_json(path: Path) -> dict:
 _WORKER: dict = {}
 
 
-def init_worker(tokenizer_json: str, fast: bool, eos_id: int, dtype: str, vocab_size: int, out: str,
+def init_worker(tokenizer_json: str | None, fast: bool, eos_id: int, dtype: str, vocab_size: int, out: str,
                 sources: list | None = None, policy: dict | None = None) -> None:
     from lmforge.data.sources import open_source
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested threads
-    _WORKER.update(encoder=Encoder(tokenizer_json, fast=fast), eos=eos_id, dtype=np.dtype(dtype),
+    _WORKER.update(encoder=Encoder(tokenizer_json, fast=fast) if tokenizer_json else None, eos=eos_id, dtype=np.dtype(dtype),
                    vocab=vocab_size, out=Path(out), readers=[open_source(s) for s in sources or []],
                    policy=policy or {})
 
@@ -205,13 +180,20 @@ def encode_chunk(index: int, docs: list[str], val: list[bool], digest: str, bind
     return finish(record)
 
 
-def hash_unit(pieces: list) -> np.ndarray:
-    """The dedup keys of one unit's documents, in order (the pass before encoding, under `dedup: exact`)."""
+def unit_documents(pieces: list, policy: Policy):
+    """(source, path, document) of a unit's files or spans in order, each document held to max_document_bytes: what
+    the survey and the encoding both read, so that a document's place in its unit means the same to both."""
+    for source, path, span in pieces:
+        for text in _WORKER["readers"][source].read_file(path, policy, tuple(span) if span else None):
+            for piece in policy.limit(text):
+                yield source, path, piece
+
+
+def survey_unit(pieces: list, wants: Wants, limit: int) -> dict:
+    """A unit's part of the survey before encoding (pretrain/survey.py): its dedup keys, its smallest split
+    positions and its tokenizer-sample candidates below `limit`."""
     policy = Policy(**{**_WORKER["policy"], "report": False})  # the encoding pass reports
-    keys = [dedup_key(doc_hash(piece.encode("utf-8"))) for source, path, span in pieces
-            for text in _WORKER["readers"][source].read_file(Path(path), policy, tuple(span) if span else None)
-            for piece in policy.limit(text)]
-    return np.array(keys, dtype=np.uint64)
+    return survey_docs((text for _, _, text in unit_documents(pieces, policy)), wants, limit)
 
 
 def encode_unit(index: int, pieces: list, digest: str, binding: dict, shard_bytes: int,
@@ -224,26 +206,22 @@ def encode_unit(index: int, pieces: list, digest: str, binding: dict, shard_byte
     record = {"index": index, "digest": digest, **binding, "sources": {}, "train": [], "val": []}
     hasher = hashlib.blake2b(digest_size=16)
     docs, val, sources, origins, size, total, part = [], [], [], [], 0, 0, 0
-    dropped, position = set(drops or ()), -1
-    for source, path, span in pieces:
-        reader = w["readers"][source]
-        for text in reader.read_file(Path(path), policy, tuple(span) if span else None):
-            for piece in policy.limit(text):
-                position += 1
-                if position in dropped:
-                    policy.skipped["duplicate"] += 1
-                    continue
-                if size >= shard_bytes:  # a full shard and more to come: this unit has several
-                    encode_part(record, part, docs, val, sources, origins, part_record=True)
-                    docs, val, sources, origins, total, size, part = [], [], [], [], total + size, 0, part + 1
-                data = piece.encode("utf-8")
-                key = doc_hash(data)
-                hasher.update(key)
-                docs.append(piece)
-                val.append(hash_fraction(key) < binding["val_cut"])
-                sources.append(source)
-                origins.append(path)
-                size += len(data)
+    dropped = set(drops or ())
+    for place, (source, path, piece) in enumerate(unit_documents(pieces, policy)):
+        if place in dropped:
+            policy.skipped["duplicate"] += 1
+            continue
+        if size >= shard_bytes:  # a full shard and more to come: this unit has several
+            encode_part(record, part, docs, val, sources, origins, part_record=True)
+            docs, val, sources, origins, total, size, part = [], [], [], [], total + size, 0, part + 1
+        data = piece.encode("utf-8")
+        key = doc_hash(data)
+        hasher.update(key)
+        docs.append(piece)
+        val.append(hash_fraction(key) < binding["val_cut"])
+        sources.append(source)
+        origins.append(path)
+        size += len(data)
     if docs:
         encode_part(record, part, docs, val, sources, origins, part_record=part > 0)
     record["bytes"] = total + size

@@ -1,21 +1,21 @@
 """`lmforge tokenize CONFIG.yaml [key=value ...]`: text sources -> tokenizer -> token shards.
 
-Reads top to bottom: config -> sources -> tokenizer (train or load) -> encoder check -> units of files
-that N worker processes read, parse and encode, each shard published atomically -> meta.json -> summary.
+Reads top to bottom: config -> sources -> plan (units of files and byte spans) -> survey, when something needs
+the whole corpus first (the tokenizer's sample, the val_docs cut, exact dedup) -> tokenizer (train or load) ->
+encoder check -> units that N worker processes read, parse and encode, each shard published atomically ->
+meta.json -> summary.
 
-The main process only plans (lists files and cuts large line-per-document files into byte spans); the
-workers read. Only a Hugging Face dataset source makes the main process read and send chunks of documents
-(`reading: main` asks for that for files too). Memory stays bounded: at most 2 x workers units in flight, each worker holding one
-shard of `shard_bytes` at a time. A rerun skips every unit whose completion record matches (the files,
-their sizes and times; or the documents, for read chunks), so a crashed run resumes and ends
-byte-identical to an uninterrupted one. meta.json is written last; a folder without it is never read
-as data.
+The main process only plans and merges; the workers read, for the survey and for encoding. Only a Hugging Face
+dataset source (or `reading: main`) makes the main process read and send chunks of documents. Memory stays
+bounded: at most 2 x workers units in flight, each worker holding one shard of `shard_bytes` at a time. A rerun
+skips every unit whose completion record matches (the files, their sizes and times; or the documents, for read
+chunks), so a crashed run resumes and ends byte-identical to an uninterrupted one. meta.json is written last; a
+folder without it is never read as data.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 import multiprocessing
 import os
@@ -25,7 +25,6 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_complete
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from lmforge import atomic
@@ -34,18 +33,14 @@ from lmforge.config import save_config, to_yaml
 from lmforge.config.base import DIGEST_VERSION
 from lmforge.config.command import parse_command
 from lmforge.config.tokenize import TokenizeConfig
-from lmforge.data.files import FilesReader
 from lmforge.data.shards import FORMAT, SPLITS, ShardError, read_meta, token_dtype
 from lmforge.data.sources import (
     DataError,
     Policy,
     describe_bytes,
-    doc_hash,
-    hash_fraction,
     open_source,
     read_all,
     read_sources,
-    sample_fraction,
 )
 from lmforge.throughput import peak_rss
 from lmforge.tokenizer import (
@@ -59,12 +54,9 @@ from lmforge.tokenizer import (
 )
 from pretrain.chunks import (
     chunked,
-    dedup_key,
-    duplicates,
     encode_chunk,
     encode_unit,
     finished_record,
-    hash_unit,
     init_worker,
     input_listing,
     listing_change,
@@ -73,7 +65,9 @@ from pretrain.chunks import (
     planned,
     read_json,
     shards_of,
+    survey_unit,
 )
+from pretrain.survey import Survey, Wants, seed_for, survey_docs
 
 VERIFY_DOCS = 256  # documents checked for fast-encoder/tokenizers id identity at start-up...
 VERIFY_BYTES = 2 * 2**20  # ...up to this much text (bytes): ~0.4 s, a fixed cost of every run...
@@ -149,16 +143,45 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     for reader in readers:
         print(f"[tokenize] source: {reader.describe()}")
 
-    # -- one streaming pre-pass when needed: tokenizer training sample, exact val count -------
+    # -- the survey, when something needs the whole corpus before encoding: the tokenizer's training sample, the
+    # cut that holds out exactly val_docs, exact dedup's decisions (pretrain/survey.py). The workers read for it
+    # as they do for encoding; the main process merges what each unit sends back (a few bytes per document)
     tok_dir = out / "tokenizer"
     need_sample = cfg.tokenizer.train is not None and not (tok_dir / "tokenizer.json").exists()
     if part is not None and not (tok_dir / "tokenizer.json").exists():
         raise TokenizerError(f"{tok_dir} has no tokenizer yet: an array task encodes with the tokenizer the first "
                              "job made (`lmforge tokenize CONFIG --tokenizer-only`); run that first")
-    val_cut = cfg.split.val_fraction
-    if need_sample or cfg.split.val_docs is not None:
-        sample, val_cut_docs = prepass(cfg, readers, need_sample)
-        val_cut = val_cut_docs if cfg.split.val_docs is not None else val_cut
+    workers = cfg.workers or len(os.sched_getaffinity(0))
+    planned_reading = cfg.reading == "workers" and all(r.plannable() for r in readers)
+    units = list(planned(readers, cfg.shard_bytes)) if planned_reading else None  # 100 bytes each: 1e6 for 16 TB
+    wants = Wants(cfg.tokenizer.train.sample_bytes if need_sample else 0, cfg.split.val_fraction,
+                  cfg.split.val_docs or 0, cfg.dedup == "exact")
+    val_cut, drops, surveyed = cfg.split.val_fraction, {}, None
+    kept_survey = out / "chunks" / "survey.json"  # the cut and the drops for array tasks and resumes: one per plan
+    plan = hashlib.blake2b(json.dumps([[u.digest for u in units or ()], wants.val_fraction, wants.val_docs,
+                                       wants.dedup]).encode()).hexdigest()
+    saved = read_json(kept_survey) if planned_reading and kept_survey.exists() else {}
+    if saved.get("plan") == plan and not wants.sample_bytes and (wants.val_docs or wants.dedup):
+        val_cut, drops = saved["val_cut"], {int(k): v for k, v in saved["drops"].items()}
+        print(f"[tokenize] survey: the val cut and the duplicates from {kept_survey} (the same files and config)")
+    elif wants.sample_bytes or wants.val_docs or (wants.dedup and planned_reading):
+        survey_start, survey_cpu = time.time(), cpu_seconds()
+        survey = take_survey(cfg, readers, units, wants, workers)
+        main_cpu, worker_cpu = (end - begin for end, begin in zip(cpu_seconds(), survey_cpu, strict=True))
+        surveyed = {"seconds": round(time.time() - survey_start, 3),
+                    "cpu_seconds": {"main": round(main_cpu, 3), "workers": round(worker_cpu, 3)},
+                    "sample_bytes_received": survey.received}
+        if wants.val_docs >= survey.count > 0:
+            raise DataError(f"split.val_docs is {wants.val_docs:,} but the sources hold {survey.count:,} documents: "
+                            "nothing would be left to train on; hold out fewer (or use split.val_fraction)")
+        val_cut, drops = survey.val_cut(), survey.drops
+        sample = survey.sample(val_cut) if need_sample else []
+        if planned_reading:
+            atomic.write_json(kept_survey, {"plan": plan, "val_cut": val_cut, "drops": drops, "documents": survey.count})
+        del survey
+    if planned_reading and wants.dedup:  # the drops join each unit's digest: reused only under the same decisions
+        for unit in units:
+            unit.hasher.update(json.dumps(drops[unit.index]).encode())
     # -- tokenizer ------------------------------------------------------------------------------
     if cfg.tokenizer.train is not None:
         t = cfg.tokenizer.train
@@ -209,13 +232,10 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
 
     # -- encode: units of files that workers read, parse and encode themselves (the main process only lists
     # them: its serial share stays small at any worker count); or, for a Hugging Face dataset, chunks of
-    # documents the main process reads. Exact dedup over units: a hashing pass by the workers first, the main
-    # process deciding in order which documents repeat (8 bytes per document)
-    workers = cfg.workers or len(os.sched_getaffinity(0))
+    # documents the main process reads
     policy = Policy.of(cfg)
-    planned_reading = cfg.reading == "workers" and all(isinstance(r, FilesReader) for r in readers)
-    units = planned(readers, cfg.shard_bytes) if planned_reading else chunked(
-        read_sources(readers, policy), cfg.shard_bytes, val_cut, cfg.dedup == "exact", policy)
+    if not planned_reading:
+        units = chunked(read_sources(readers, policy), cfg.shard_bytes, val_cut, wants.dedup, policy)
     totals = [r.total_bytes() for r in readers]
     bar = tqdm(total=sum(totals) if None not in totals else None, unit="B", unit_scale=True, desc="tokenize",
                disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
@@ -238,17 +258,10 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     cpu_start = cpu_seconds()
     context = multiprocessing.get_context("spawn")  # not fork: the parent may hold tokenizers' threads
     init = (tokenizer_json, encoder.kind == "tiktoken", eos_id, dtype.str, vocab_size, str(out), cfg.sources,
-            {"utf8_errors": cfg.utf8_errors, "bad_records": cfg.bad_records, "on_skipped_file": cfg.on_skipped_file,
-             "max_document_bytes": cfg.max_document_bytes, "long_documents": cfg.long_documents})
+            policy_args(cfg))
     with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=init) as pool:
         pending: dict = {}
         try:
-            drops: dict[int, list[int]] = {}
-            if planned_reading and cfg.dedup == "exact":  # the workers hash every unit first; duplicates in order
-                units = list(units)
-                keys = pool.map(hash_unit, [u.pieces for u in units])
-                drops = duplicates(units, tqdm(keys, total=len(units), desc="dedup pass", unit=" units",
-                                               disable=not cfg.progress, dynamic_ncols=True))
             for chunk in units:
                 if part is not None and chunk.index % part[1] != part[0]:
                     bar.update(chunk.nbytes)  # another array task's: passed over (read past, for read chunks)
@@ -272,11 +285,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
             for future in as_completed(list(pending)):  # a failure surfaces as soon as it happens
                 collect(pending.pop(future), future.result())
         except BaseException:
-            for future in pending:
-                future.cancel()
-            if pending:  # a worker still on a long unit (a large compressed file) would hold the error back for hours
-                for child in multiprocessing.active_children():
-                    child.terminate()
+            stop_workers(pending)
             raise
         finally:
             if bar.total is not None:  # file sizes estimate the text: replaced bytes can make it longer
@@ -360,6 +369,10 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         "main_cpu_seconds_per_gb": round(main_cpu / max(nbytes / 1e9, 1e-12), 2),
         "serial_share": round(main_cpu / max(main_cpu + worker_cpu, 1e-9), 4),
         "workers_at_saturation": round(worker_cpu / max(main_cpu, 1e-9), 1),
+        "survey": surveyed and {  # the pass before encoding (sample, val_docs, dedup), when one ran: its serial share
+            **surveyed, "main_cpu_seconds_per_gb": round(surveyed["cpu_seconds"]["main"] / max(nbytes / 1e9, 1e-12), 2),
+            "workers_at_saturation": round(surveyed["cpu_seconds"]["workers"] / max(surveyed["cpu_seconds"]["main"], 1e-9),
+                                           1)},
     }
     atomic.write_json(out / "summary.json", summary)
     skipped = ", ".join(f"{k} {v}" for k, v in meta["skipped"].items()) or "none"
@@ -385,63 +398,76 @@ def cpu_seconds() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
-def prepass(cfg: TokenizeConfig, readers, need_sample: bool) -> tuple[list[str], float]:
-    """Stream once: the tokenizer's training sample, and the hash cut that holds out `val_docs`.
+def policy_args(cfg: TokenizeConfig) -> dict:
+    """The bad-input policy a worker reads with (a Policy is built in each worker from these)."""
+    return {"utf8_errors": cfg.utf8_errors, "bad_records": cfg.bad_records, "on_skipped_file": cfg.on_skipped_file,
+            "max_document_bytes": cfg.max_document_bytes, "long_documents": cfg.long_documents}
 
-    The sample is train documents only, taken in the order of a second hash independent of the split's
-    (`sample_fraction`) until `sample_bytes`: uniform, order-free, deterministic, and never fitted to the validation
-    text (with `val_docs` the cut is known only at the end, so the held-out documents leave the sample then, and
-    it comes out smaller by the held-out share). The cap is a real cap: a document counts with at most its first
-    1% of `sample_bytes` (a tenth, up to 1 MiB, for small caps), so one huge document can neither fill the sample
-    nor push it past the cap."""
-    cap = cfg.tokenizer.train.sample_bytes if need_sample else 0
-    per_doc = max(cap // 100, min(cap // 10, 2**20))
-    heap: list[tuple[float, int, float, int, str]] = []  # (-sample key, order, split position, bytes, text)
-    total = 0
-    limit = 1.0  # the smallest sample key dropped so far: nothing above it joins, so the sample stays a hash prefix
-    val_heap: list[float] = []  # -position of the val_docs smallest positions: a max-heap
-    want_val = cfg.split.val_docs or 0
-    bar = tqdm(desc="pre-pass", unit=" docs", disable=not cfg.progress, dynamic_ncols=True)
-    count = 0
-    policy = Policy.of(cfg, report=False)  # the encoding pass says what it skips
-    seen: set[int] = set()
-    for i, text in enumerate(read_all(readers, policy)):
-        bar.update()
-        data = text.encode("utf-8")
-        digest = doc_hash(data)
-        if cfg.dedup == "exact":  # as the encoding pass drops them: val_docs counts distinct documents
-            key = dedup_key(digest)
-            if key in seen:
-                continue
-            seen.add(key)
-        count += 1
-        pos = hash_fraction(digest)
-        if want_val:
-            if len(val_heap) < want_val:
-                heapq.heappush(val_heap, -pos)
-            elif pos < -val_heap[0]:
-                heapq.heapreplace(val_heap, -pos)
-        elif pos < cfg.split.val_fraction:
-            continue  # a validation document: never in the sample
-        key = sample_fraction(digest)
-        if not cap or key >= limit:
-            continue
-        if len(data) > per_doc:
-            text = data[:per_doc].decode("utf-8", errors="ignore")  # cut at a character boundary
-            data = text.encode("utf-8")
-        heapq.heappush(heap, (-key, i, pos, len(data), text))
-        total += len(data)
-        while total > cap:
-            dropped = heapq.heappop(heap)
-            total -= dropped[3]
-            limit = -dropped[0]
-    bar.close()
-    if want_val >= count > 0:
-        raise DataError(f"split.val_docs is {want_val:,} but the sources hold {count:,} documents: nothing would be "
-                        "left to train on; hold out fewer (or use split.val_fraction)")
-    val_cut = float(np.nextafter(-val_heap[0], 1.0)) if want_val else cfg.split.val_fraction
-    sample = [text for _, _, pos, _, text in sorted(heap, key=lambda e: e[1]) if pos >= val_cut]  # corpus order
-    return sample, val_cut
+
+def stop_workers(pending) -> None:
+    """After an error: a worker still on a long unit (a large compressed file) would hold it back for hours."""
+    for future in pending:
+        future.cancel()
+    if pending:
+        for child in multiprocessing.active_children():
+            child.terminate()
+
+
+def take_survey(cfg: TokenizeConfig, readers, units, wants: Wants, workers: int) -> Survey:
+    """The survey (pretrain/survey.py): by the workers over `units`, batches merged in unit order with at most
+    2 x workers units ahead, again with a higher seed when the first did not fill the sample; or, with no units
+    (a Hugging Face dataset, `reading: main`), by the main process over what it reads, a batch per MiB."""
+    totals = [r.total_bytes() for r in readers]
+    total = sum(totals) if None not in totals else None
+    if units is None:
+        survey = Survey(wants)
+        batch, size, count = [], 0, 0
+        bar = tqdm(desc="survey", unit=" docs", disable=not cfg.progress, dynamic_ncols=True)
+        for text in read_all(readers, Policy.of(cfg, report=False)):  # the encoding pass says what it skips
+            batch.append(text)
+            size += len(text)
+            if size >= 2**20:
+                survey.add(count, survey_docs(batch, wants, survey.limit))
+                bar.update(len(batch))
+                batch, size, count = [], 0, count + 1
+        survey.add(count, survey_docs(batch, wants, survey.limit))
+        bar.update(len(batch))
+        bar.close()
+        survey.complete()
+        return survey
+    seed = seed_for(wants, total)
+    init = (None, False, 0, "uint16", 0, str(cfg.out_dir), cfg.sources, policy_args(cfg))
+    while True:
+        survey = Survey(wants, limit=seed, seed=seed)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="survey", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
+                                 initargs=init) as pool:
+            pending: dict = {}
+            ready: dict = {}
+            merged = 0
+            try:
+                for unit in [*units, None]:
+                    while pending and (unit is None or len(pending) + len(ready) >= 2 * workers):
+                        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in finished:
+                            ready[pending.pop(future)] = future.result()
+                        while merged in ready:
+                            survey.add(merged, ready.pop(merged))
+                            bar.update(units[merged].nbytes)
+                            merged += 1
+                    if unit is not None:
+                        pending[pool.submit(survey_unit, unit.pieces, wants, survey.limit)] = unit.index
+            except BaseException:
+                stop_workers(pending)
+                raise
+            finally:
+                bar.close()
+        if survey.complete():
+            return survey
+        seed = survey.next_seed()
+        print(f"[tokenize] the tokenizer's sample did not fill ({describe_bytes(survey.received)} of text below "
+              f"the first limit, for {describe_bytes(wants.sample_bytes)}): surveying again with a higher one")
 
 
 if __name__ == "__main__":

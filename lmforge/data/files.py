@@ -268,6 +268,15 @@ class FilesReader(Reader):
     def total_bytes(self) -> int:
         return sum(self.stat(p).st_size for p in self.files())
 
+    def plannable(self) -> bool:
+        return True
+
+    def identity(self, path: Path) -> list:
+        """Size, modification time, inode and change time: a file rewritten at the same size within a second
+        (Lustre) changes inode or ctime."""
+        st = self.stat(path)
+        return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
     def documents(self, policy: Policy) -> Iterator[str]:
         for path in self.files():
             yield from self.read_file(path, policy)
@@ -285,8 +294,9 @@ class FilesReader(Reader):
             for start, end in itertools.pairwise(cuts):
                 yield path, (start, end), end - start
 
-    def read_file(self, path: Path, policy: Policy, span: tuple[int, int] | None = None) -> Iterator[str]:
+    def read_file(self, path: str | Path, policy: Policy, span: tuple[int, int] | None = None) -> Iterator[str]:
         """The documents of one file (or of the lines that begin in `span`, for a `splittable` file)."""
+        path = Path(path)
         kind = format_of(path, self.spec.format)
         if kind is None:
             policy.skip_file(path, "unknown_extension", f"unknown extension '{''.join(path.suffixes)}' "

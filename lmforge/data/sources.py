@@ -206,6 +206,23 @@ class Reader:
     def documents(self, policy: Policy) -> Iterator[str]:
         raise NotImplementedError
 
+    def plannable(self) -> bool:
+        """Whether workers can read this source in pieces of their own (`spans`, `read_file`), the main process
+        only planning them; otherwise the main process reads it and sends the documents."""
+        return False
+
+    def spans(self, target: int) -> Iterator[tuple[str | Path, tuple[int, int] | None, int]]:
+        """(path, span or None for all of it, bytes) pieces of about `target` bytes, in order."""
+        raise NotImplementedError
+
+    def identity(self, path: str | Path) -> list:
+        """What a piece's data is, for the plan's digest: a change means its units are read and encoded again."""
+        raise NotImplementedError
+
+    def read_file(self, path: str | Path, policy: Policy, span: tuple[int, int] | None = None) -> Iterator[str]:
+        """The documents of one piece."""
+        raise NotImplementedError
+
 
 # --------------------------------------------------------------------------------------------------
 # The built-in corpus
@@ -277,9 +294,33 @@ class HFReader(Reader):
         return table.column(self.spec.text_field).nbytes if table is not None else None
 
     def documents(self, policy: Policy) -> Iterator[str]:
-        ds = self.dataset().select_columns([self.spec.text_field])
-        row = 0
-        for batch in ds.iter(batch_size=1024):
+        yield from self._rows(self.dataset(), policy, 0)
+
+    def plannable(self) -> bool:
+        """A dataset in Arrow files (not streaming) is read by the workers in row ranges, memory-mapped by each."""
+        return not self.spec.streaming and bool(self.dataset().cache_files)
+
+    def spans(self, target: int) -> Iterator[tuple[str, tuple[int, int], int]]:
+        """Row ranges of about `target` bytes of text (the text column's Arrow size over its rows)."""
+        rows, size = len(self.dataset()), self.total_bytes() or 0
+        step = max(1, rows * target // max(size, 1))
+        for start in range(0, rows, step):
+            end = min(rows, start + step)
+            yield self.spec.name, (start, end), size * (end - start) // max(rows, 1)
+
+    def identity(self, path: str) -> list:
+        """The dataset's Arrow files (paths, sizes, modification times) and its rows."""
+        files = [Path(f["filename"]) for f in self.dataset().cache_files]
+        return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files] + [len(self.dataset())]
+
+    def read_file(self, path: str, policy: Policy, span: tuple[int, int] | None = None) -> Iterator[str]:
+        start, end = span or (0, len(self.dataset()))
+        yield from self._rows(self.dataset().select(range(start, end)), policy, start)
+
+    def _rows(self, ds, policy: Policy, first: int) -> Iterator[str]:
+        """The documents of `ds`, rows numbered from `first + 1` in messages."""
+        row = first
+        for batch in ds.select_columns([self.spec.text_field]).iter(batch_size=1024):
             for value in batch[self.spec.text_field]:
                 row += 1
                 where = f"dataset '{self.spec.name}' row {row}"

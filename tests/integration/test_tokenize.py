@@ -238,18 +238,22 @@ def test_demo_on_the_whole_builtin_corpus_matches_tokenizers_id_for_id(tmp_path)
 
 def test_array_parts_then_a_plain_run_are_byte_identical_to_one_run(tmp_path, tokenize_config, capsys):
     """What a Slurm array tokenization runs: the tokenizer once, parts I/N in any order (each its chunks only,
-    no meta.json), then a plain run that finds every chunk done and writes meta.json."""
-    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in sample_texts(120)])
-    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}],
-                          tokenizer={"train": {"vocab_size": 400}}, workers=1)
+    no meta.json), then a plain run that finds every chunk done and writes meta.json. The survey (val_docs cut,
+    exact dedup) runs once, in the tokenizer job: the parts read its result instead of the whole corpus each."""
+    texts = sample_texts(120)
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts + texts[:10]])
+    cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}], split={"val_docs": 12},
+                          dedup="exact", tokenizer={"train": {"vocab_size": 400}}, workers=1)
     assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'one'}"]) == 0
     parts = [str(cfg), f"out_dir={tmp_path / 'parts'}"]
     assert tokenize.main([*parts, "--part", "0/3"]) == 1  # before the tokenizer job
     assert "has no tokenizer yet" in capsys.readouterr().err
     assert tokenize.main([*parts, "--tokenizer-only"]) == 0
     chunks = tmp_path / "parts" / "chunks"
+    capsys.readouterr()
     for i in (2, 0):
         assert tokenize.main([*parts, "--part", f"{i}/3"]) == 0
+        assert "survey: the val cut and the duplicates from" in capsys.readouterr().out
     assert not (tmp_path / "parts" / "meta.json").exists()
     done = sorted(int(p.stem) for p in chunks.glob("[0-9]*.json") if p.stem.isdigit())
     assert done and all(i % 3 in (0, 2) for i in done)
@@ -269,22 +273,35 @@ def test_array_parts_then_a_plain_run_are_byte_identical_to_one_run(tmp_path, to
 def test_the_tokenizer_sample_is_train_text_under_a_real_cap(tmp_path):
     """The BPE sample and the validation split used to take the same smallest-hash documents: the tokenizer was
     fitted to validation text first. The sample now comes from an independent hash, train documents only, and a
-    huge document can neither fill it nor push it past `sample_bytes`."""
+    huge document can neither fill it nor push it past `sample_bytes`. The workers' survey (each reading its own
+    spans of the file) and the main process's own reading give the same sample and cut."""
     from lmforge.config.tokenize import TokenizeConfig
     from lmforge.data.sources import open_source
+    from pretrain.chunks import planned
+    from pretrain.survey import Wants
 
     texts = sample_texts(400)
     write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts] + [{"text": "z" * 300_000}])
-    for split in ({"val_fraction": 0.3}, {"val_docs": 120}):
+    found = {}
+    for reading, split in [(r, s) for s in ({"val_fraction": 0.3}, {"val_docs": 120}) for r in ("main", "workers")]:
         cfg = TokenizeConfig(out_dir=tmp_path / "o", sources=[{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}],
-                             tokenizer={"train": {"vocab_size": 300, "sample_bytes": 20_000}}, split=split)
-        sample, cut = tokenize.prepass(cfg, [open_source(s) for s in cfg.sources], need_sample=True)
+                             tokenizer={"train": {"vocab_size": 300, "sample_bytes": 20_000}}, split=split,
+                             shard_bytes=48_000, progress=False)
+        readers = [open_source(s) for s in cfg.sources]
+        units = list(planned(readers, cfg.shard_bytes)) if reading == "workers" else None
+        assert units is None or len(units) > 5  # the file cut in spans
+        wants = Wants(20_000, cfg.split.val_fraction, cfg.split.val_docs or 0, False)
+        survey = tokenize.take_survey(cfg, readers, units, wants, workers=2)
+        cut = survey.val_cut()
+        sample = survey.sample(cut)
+        found.setdefault(str(split), []).append((sample, cut))
         val = {t for t in texts if hash_fraction(doc_hash(t.encode())) < cut}
         assert len(val) == 120 if "val_docs" in split else 90 < len(val) < 150  # ~30% of 400
         assert sample and not val & set(sample)  # no validation document in the tokenizer's sample
         held_out = len(val) / 400 if "val_docs" in split else 0.0  # the cut comes at the end: they leave then
         assert 0.9 * (1 - held_out) * 20_000 < sum(len(t.encode()) for t in sample) <= 20_000  # filled, capped
         assert max(len(t) for t in sample) <= 2_000  # a tenth of a small cap: the huge document is cut
+    assert all(by_main == by_workers for by_main, by_workers in found.values())
 
 
 def test_val_docs_that_hold_out_the_whole_corpus_is_an_error(tmp_path, tokenize_config, capsys):
@@ -432,7 +449,8 @@ def test_workers_read_their_own_spans_and_files_into_the_same_documents_as_the_m
     process only lists them. The documents, their order, their split and the bad-input counts equal those of
     `reading: main` (the main process reading); a large JSONL file is cut into spans, a large compressed one is read
     whole by one worker that writes several shards; a rerun keeps every finished unit without reading it, and still
-    reports what the first run skipped. With exact dedup the workers hash first and the same copies are dropped."""
+    reports what the first run skipped. The survey before encoding (the tokenizer's sample, the val_docs cut, exact
+    dedup's decisions) is read by the workers too, and finds the same sample, cut and copies."""
     import gzip
 
     from lmforge.config.tokenize import FilesSource
@@ -445,13 +463,17 @@ def test_workers_read_their_own_spans_and_files_into_the_same_documents_as_the_m
     (tmp_path / "in" / "b.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
     (tmp_path / "in" / "c.bin").write_bytes(b"\0" * 100)
     sources = [{"type": "files", "paths": [str(tmp_path / "in")]}]
-    common = {"split": {"val_fraction": 0.2}, "bad_records": "skip", "shard_bytes": 8192, "dedup": dedup}
+    common = {"split": {"val_fraction": 0.2} if dedup == "none" else {"val_docs": 60}, "bad_records": "skip",
+              "shard_bytes": 8192, "dedup": dedup,
+              "tokenizer": {"train": {"vocab_size": 400, "sample_bytes": 40_000}}}  # from the survey: the same
     summaries = {}
     for reading in ("main", "workers"):
         cfg = tokenize_config(sources, out_dir=str(tmp_path / reading), reading=reading, **common)
         assert tokenize.main([str(cfg)]) == 0
         summaries[reading] = json.loads((tmp_path / reading / "summary.json").read_text())
     workers, main = tmp_path / "workers", tmp_path / "main"
+    assert (workers / "tokenizer" / "tokenizer.json").read_bytes() == (main / "tokenizer" / "tokenizer.json").read_bytes()
+    assert dedup == "none" or TokenShards(workers, "val").num_documents == 60
     for split in ("train", "val"):
         assert split_docs(workers, split) == split_docs(main, split)
     for key in ("documents", "tokens", "bytes", "skipped", "skipped_files", "per_source"):
@@ -499,3 +521,39 @@ def test_a_bad_record_stops_the_run_without_waiting_for_a_long_unit(tmp_path, to
     assert tokenize.main([str(cfg), "bad_records=skip", f"out_dir={tmp_path / 'whole'}"]) == 0
     summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert summary["documents"] == 150_001 and summary["encode_seconds"] > 8  # what the failing run did not wait for
+
+
+def test_a_saved_hugging_face_dataset_is_read_by_the_workers_in_row_ranges(tmp_path, tokenize_config, capsys):
+    """A Hugging Face dataset in Arrow files (`save_to_disk`, or the cache `load_dataset` builds) used to be read
+    by the main process alone. Its workers now read row ranges of their own, memory-mapped, for the survey and the
+    encoding: the same documents, split, tokenizer, duplicates and bad-record counts as the main process reading,
+    and a bad record is named by its row either way."""
+    import datasets
+
+    texts = sample_texts(300)
+    datasets.Dataset.from_dict({"text": texts + texts[:20] + [None] + texts[40:45]}).save_to_disk(tmp_path / "ds")
+    sources = [{"type": "hf", "name": str(tmp_path / "ds")}]
+    common = {"split": {"val_docs": 30}, "dedup": "exact", "bad_records": "skip", "shard_bytes": 8192,
+              "tokenizer": {"train": {"vocab_size": 400, "sample_bytes": 30_000}}}
+    summaries = {}
+    for reading in ("main", "workers"):
+        cfg = tokenize_config(sources, out_dir=str(tmp_path / reading), reading=reading, **common)
+        assert tokenize.main([str(cfg)]) == 0
+        summaries[reading] = json.loads((tmp_path / reading / "summary.json").read_text())
+    workers, main = tmp_path / "workers", tmp_path / "main"
+    assert (workers / "tokenizer" / "tokenizer.json").read_bytes() == (main / "tokenizer" / "tokenizer.json").read_bytes()
+    for split in ("train", "val"):
+        assert split_docs(workers, split) == split_docs(main, split)
+    for key in ("documents", "tokens", "skipped", "per_source"):
+        assert summaries["workers"][key] == summaries["main"][key], key
+    assert summaries["workers"]["skipped"] == {"duplicate": 25, "not_text": 1}
+    assert TokenShards(workers, "val").num_documents == 30
+    records = [json.loads(p.read_text()) for p in sorted((workers / "chunks").glob("[0-9]*.json")) if p.stem.isdigit()]
+    assert len(records) > 5 and all("documents_digest" in r for r in records)  # units the workers read
+    assert not any("documents_digest" in json.loads(p.read_text()) for p in (main / "chunks").glob("[0-9]*.json")
+                   if p.stem.isdigit())  # chunks the main process read and sent
+    for reading in ("main", "workers"):
+        cfg = tokenize_config(sources, out_dir=str(tmp_path / f"strict-{reading}"), reading=reading,
+                              **{**common, "bad_records": "error"})
+        assert tokenize.main([str(cfg)]) == 1
+        assert f"dataset '{tmp_path / 'ds'}' row 321: 'text' is NoneType, not text" in capsys.readouterr().err
