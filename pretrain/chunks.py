@@ -189,11 +189,11 @@ def unit_documents(pieces: list, policy: Policy):
                 yield source, path, piece
 
 
-def survey_unit(pieces: list, wants: Wants, limit: int) -> dict:
+def survey_unit(pieces: list, wants: Wants, limit: int, val_limit: int, sample_only: bool) -> dict:
     """A unit's part of the survey before encoding (pretrain/survey.py): its dedup keys, its smallest split
-    positions and its tokenizer-sample candidates below `limit`."""
+    positions below `val_limit` and its tokenizer-sample candidates below `limit`."""
     policy = Policy(**{**_WORKER["policy"], "report": False})  # the encoding pass reports
-    return survey_docs((text for _, _, text in unit_documents(pieces, policy)), wants, limit)
+    return survey_docs((text for _, _, text in unit_documents(pieces, policy)), wants, limit, val_limit, sample_only)
 
 
 def encode_unit(index: int, pieces: list, digest: str, binding: dict, shard_bytes: int,

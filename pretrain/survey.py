@@ -19,11 +19,14 @@ main process's own reading and the workers' give the same sample, cut and duplic
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from lmforge import atomic
 from lmforge.data.sources import doc_hash
 
 
@@ -55,9 +58,12 @@ def position(digest: bytes) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def survey_docs(texts: Iterable[str], wants: Wants, limit: int) -> dict:
-    """One unit's part of the survey, over its documents in order (`limit`: sample keys at or above it are not
-    sent; sample keys are `sample_fraction` x 2**64, and equal for identical documents, like dedup keys)."""
+def survey_docs(texts: Iterable[str], wants: Wants, limit: int, val_limit: int = 2**64,
+                sample_only: bool = False) -> dict:
+    """One unit's part of the survey, over its documents in order. `limit`: sample keys at or above it are not
+    sent (sample keys are `sample_fraction` x 2**64, and equal for identical documents, like dedup keys);
+    `val_limit`: nor positions at or above it (once val_docs are held, only smaller ones can change the cut);
+    `sample_only`: only the sample's candidates (a survey again with a higher seed)."""
     keys, positions, candidates = [], [], []  # candidates: (sample key, place in the unit, position, text)
     count = 0
     for i, text in enumerate(texts):
@@ -65,10 +71,11 @@ def survey_docs(texts: Iterable[str], wants: Wants, limit: int) -> dict:
         data = text.encode("utf-8")
         digest = doc_hash(data)
         pos = position(digest)
-        if wants.dedup:
+        if wants.dedup and not sample_only:
             keys.append(dedup_key(digest))
         if wants.val_docs:
-            positions.append(pos)
+            if pos < val_limit and not sample_only:
+                positions.append(pos)
         elif pos / 2**64 < wants.val_fraction:  # as hash_fraction compares
             continue  # a validation document: never in the sample
         key = int.from_bytes(digest[8:16], "big")
@@ -76,11 +83,8 @@ def survey_docs(texts: Iterable[str], wants: Wants, limit: int) -> dict:
             if len(data) > wants.per_doc:  # cut at a character boundary
                 text = data[:wants.per_doc].decode("utf-8", errors="ignore")
             candidates.append((key, i, pos, text))
-    batch = {"count": count, "keys": np.array(keys, dtype=np.uint64) if wants.dedup else None}
-    val = np.array(positions, dtype=np.uint64)
-    if wants.dedup:
-        val = np.unique(val)  # identical documents have one position: val_docs counts distinct documents
-    batch["val"] = np.sort(val)[:wants.val_docs]  # the global val_docs smallest are among each unit's
+    batch = {"count": 0 if sample_only else count, "keys": np.array(keys, dtype=np.uint64) if wants.dedup and not sample_only else None,
+             "val": smallest(np.array(positions, dtype=np.uint64), wants.val_docs, wants.dedup)}
     candidates.sort()
     if wants.dedup:  # one copy of a document in the unit's prefix (the first: places break the key's ties)
         candidates = [c for j, c in enumerate(candidates) if j == 0 or c[0] != candidates[j - 1][0]]
@@ -94,11 +98,50 @@ def survey_docs(texts: Iterable[str], wants: Wants, limit: int) -> dict:
     return batch
 
 
+def smallest(values: np.ndarray, k: int, distinct: bool) -> np.ndarray:
+    """The k smallest of `values`, sorted; each value once when `distinct` (identical documents share a position:
+    val_docs counts distinct documents under dedup). Sorting and a neighbour mask: np.unique is ~40x slower."""
+    values = np.sort(values)
+    if distinct and values.size:
+        values = values[np.concatenate(([True], values[1:] != values[:-1]))]
+    return values[:k]
+
+
+class Seen:
+    """The dedup keys seen so far, as sorted uint64 runs merged like a binary counter: 8 bytes per distinct
+    document (a Python set of ints takes ~96) and vectorised lookups, log2(documents) runs at most."""
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(r.size for r in self.runs)
+
+    def drops(self, keys: np.ndarray) -> np.ndarray:
+        """The places of `keys` (one unit's, in order) that repeat an earlier key, this unit's included; the new
+        keys join."""
+        unique, first = np.unique(keys, return_index=True)  # sorted, with each key's first place in the unit
+        known = np.zeros(unique.size, dtype=bool)
+        for run in self.runs:
+            at = np.searchsorted(run, unique).clip(max=run.size - 1)
+            known |= run[at] == unique
+        keep = np.zeros(keys.size, dtype=bool)
+        keep[first[~known]] = True
+        fresh = unique[~known]
+        if fresh.size:
+            self.runs.append(fresh)
+            while len(self.runs) > 1 and self.runs[-1].size * 2 >= self.runs[-2].size:
+                self.runs[-2:] = [np.sort(np.concatenate(self.runs[-2:]))]
+        return np.flatnonzero(~keep)
+
+
 @dataclass
 class Survey:
-    """The main process's side: merges the units' batches in unit order into the sample, the val cut and the
-    duplicates. Memory: the sample's candidates (about 2 x sample_bytes), val_docs positions, and under dedup a
-    set of 8-byte keys (~70 bytes per distinct document, as the encoding's dedup held before)."""
+    """The main process's side: merges the units' batches into the sample, the val cut and the duplicates. The
+    sample and the val positions merge in any order (a slow unit does not hold the others back); the dedup keys
+    in unit order (`keys`), the first copy of a document being the one kept. Memory: the sample's candidates
+    (up to ~2 x sample_bytes of text, plus ~150 bytes per candidate), 2 x val_docs positions, and under dedup 8
+    bytes per distinct document."""
 
     wants: Wants
     limit: int = 2**64  # sample keys at or above this are not wanted (the seed, then the first that did not fit)
@@ -106,29 +149,29 @@ class Survey:
     count: int = 0  # documents, duplicates not counted under dedup
     overflowed: bool = False  # the sample filled: the limit is the boundary, not the seed
     received: int = 0  # bytes of sample candidates received
-    drops: dict[int, list[int]] = field(default_factory=dict)  # unit -> places of its documents that repeat
+    drops: dict[int, np.ndarray] = field(default_factory=dict)  # unit -> places of its documents that repeat
     val: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
+    val_pending: list = field(default_factory=list)
+    val_batch: int = 2**16  # val positions gathered before they merge (and lower val_limit)
     kept: list = field(default_factory=list)  # (key, unit, place, position, bytes, text), sorted
     pending: list = field(default_factory=list)
     pending_bytes: int = 0
-    seen: set = field(default_factory=set)
+    seen: Seen = field(default_factory=Seen)
+
+    @property
+    def val_limit(self) -> int:
+        """Positions at or above this cannot move the cut (val_docs smaller ones are held already)."""
+        w = self.wants
+        return int(self.val[-1]) if w.val_docs and self.val.size == w.val_docs else 2**64
 
     def add(self, unit: int, batch: dict) -> None:
-        """One unit's batch; units must come in order (the first copy of a document is the one kept)."""
+        """One unit's sample candidates, val positions and document count: in any order."""
         w = self.wants
         self.count += batch["count"]
-        if w.dedup:
-            local = []
-            for i, key in enumerate(batch["keys"].tolist()):
-                if key in self.seen:
-                    local.append(i)
-                else:
-                    self.seen.add(key)
-            self.drops[unit] = local
-            self.count -= len(local)
-        if w.val_docs:
-            merged = np.concatenate([self.val, batch["val"]])
-            self.val = (np.unique(merged) if w.dedup else np.sort(merged))[:w.val_docs]
+        if w.val_docs and batch["val"].size:
+            self.val_pending.append(batch["val"][batch["val"] < self.val_limit])
+            if sum(v.size for v in self.val_pending) >= max(w.val_docs, self.val_batch):
+                self._merge_val()
         for key, place, pos, text in batch["sample"]:
             if key < self.limit:
                 size = len(text.encode("utf-8"))
@@ -137,6 +180,15 @@ class Survey:
                 self.received += size
         if self.pending_bytes > max(w.sample_bytes, 2**20):
             self._compact()
+
+    def keys(self, unit: int, keys: np.ndarray) -> None:
+        """One unit's dedup keys: in unit order."""
+        self.drops[unit] = self.seen.drops(keys)
+        self.count -= self.drops[unit].size
+
+    def _merge_val(self) -> None:
+        self.val = smallest(np.concatenate([self.val, *self.val_pending]), self.wants.val_docs, self.wants.dedup)
+        self.val_pending = []
 
     def _compact(self) -> None:
         """Merge what came in into the sample: the longest prefix in key order (corpus order breaking ties) within
@@ -157,18 +209,22 @@ class Survey:
 
     def complete(self) -> bool:
         """Whether the sample is exact: it filled (every unit sent everything below the final limit), or no seed
-        cut anything. Otherwise the survey must run again with `next_seed()`."""
+        cut anything. Otherwise `again()` and survey the sample once more."""
         self._compact()
+        self._merge_val()
         return not self.wants.sample_bytes or self.overflowed or self.seed >= 2**64
 
-    def next_seed(self) -> int:
-        """A seed that should fill the sample, from what this one brought in (twice the bytes it lacked)."""
+    def again(self) -> None:
+        """Start the sample over with a seed that should fill it (twice the bytes it lacked); the count, the cut and
+        the duplicates stay."""
         grown = self.seed * 2 * self.wants.sample_bytes / max(self.received, 1)
-        return 2**64 if grown >= 2**63 else max(int(grown), self.seed * 2)
+        self.seed = 2**64 if grown >= 2**63 else max(int(grown), self.seed * 2)
+        self.limit, self.received, self.kept, self.pending, self.pending_bytes = self.seed, 0, [], [], 0
 
     def val_cut(self) -> float:
         """The split position below which exactly `val_docs` documents lie (the next float after the largest held
         out), or val_fraction."""
+        self._merge_val()
         if not self.wants.val_docs:
             return self.wants.val_fraction
         return float(np.nextafter(int(self.val[-1]) / 2**64, 1.0))
@@ -186,3 +242,27 @@ def seed_for(wants: Wants, input_bytes: int | None) -> int:
     if not wants.sample_bytes or not input_bytes or 4 * wants.sample_bytes >= input_bytes:
         return 2**64
     return int(2**64 * 4 * wants.sample_bytes / input_bytes)
+
+
+def save_result(path: Path, plan: str, val_cut: float, drops: dict[int, np.ndarray], documents: int) -> None:
+    """The survey's result for array tasks and resumes of the same plan: the cut and each unit's drops (4 bytes
+    per duplicate, binary: a billion duplicates is 4 GB, not the ~12 GB and minutes of JSON)."""
+    ids = np.array(sorted(drops), dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum([drops[i].size for i in ids.tolist()], dtype=np.int64)])
+    places = np.concatenate([drops[i] for i in ids.tolist()] or [np.empty(0)]).astype(np.uint32)
+    buffer = io.BytesIO()
+    np.savez(buffer, plan=np.array(plan), val_cut=np.float64(val_cut), documents=np.int64(documents), ids=ids,
+             offsets=offsets.astype(np.int64), places=places)
+    atomic.write_bytes(path, buffer.getbuffer())
+
+
+def load_result(path: Path, plan: str) -> tuple[float, dict[int, np.ndarray]] | None:
+    """(val cut, drops) that `save_result` kept for this plan, or None (no file, or another plan's)."""
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        if str(saved["plan"]) != plan:
+            return None
+        offsets, places = saved["offsets"], saved["places"]
+        drops = {int(i): places[offsets[k]:offsets[k + 1]] for k, i in enumerate(saved["ids"].tolist())}
+        return float(saved["val_cut"]), drops

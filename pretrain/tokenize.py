@@ -16,6 +16,7 @@ folder without it is never read as data.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -67,8 +68,9 @@ from pretrain.chunks import (
     shards_of,
     survey_unit,
 )
-from pretrain.survey import Survey, Wants, seed_for, survey_docs
+from pretrain.survey import Survey, Wants, load_result, save_result, seed_for, survey_docs
 
+KEYS_HELD = 2**28  # bytes of dedup keys (8 per document) that may wait for a slow unit before the survey stops sending
 VERIFY_DOCS = 256  # documents checked for fast-encoder/tokenizers id identity at start-up...
 VERIFY_BYTES = 2 * 2**20  # ...up to this much text (bytes): ~0.4 s, a fixed cost of every run...
 VERIFY_DOC_BYTES = 256 * 2**10  # ...each document cut to this: `tokenizers` holds ~140 bytes per character encoded
@@ -157,31 +159,38 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     wants = Wants(cfg.tokenizer.train.sample_bytes if need_sample else 0, cfg.split.val_fraction,
                   cfg.split.val_docs or 0, cfg.dedup == "exact")
     val_cut, drops, surveyed = cfg.split.val_fraction, {}, None
-    kept_survey = out / "chunks" / "survey.json"  # the cut and the drops for array tasks and resumes: one per plan
-    plan = hashlib.blake2b(json.dumps([[u.digest for u in units or ()], wants.val_fraction, wants.val_docs,
-                                       wants.dedup]).encode()).hexdigest()
-    saved = read_json(kept_survey) if planned_reading and kept_survey.exists() else {}
-    if saved.get("plan") == plan and not wants.sample_bytes and (wants.val_docs or wants.dedup):
-        val_cut, drops = saved["val_cut"], {int(k): v for k, v in saved["drops"].items()}
+    kept_survey = out / "chunks" / "survey.npz"  # the cut and the drops for array tasks and resumes: one per plan
+    plan = hashlib.blake2b(json.dumps([DIGEST_VERSION, [u.digest for u in units or ()], wants.val_fraction,
+                                       wants.val_docs, wants.dedup]).encode()).hexdigest()
+    saved = load_result(kept_survey, plan) if planned_reading else None
+    if saved is not None and not wants.sample_bytes and (wants.val_docs or wants.dedup):
+        val_cut, drops = saved
         print(f"[tokenize] survey: the val cut and the duplicates from {kept_survey} (the same files and config)")
     elif wants.sample_bytes or wants.val_docs or (wants.dedup and planned_reading):
+        if part is not None and planned_reading:  # N tasks surveying the whole corpus each: N times the reading
+            raise DataError(f"{kept_survey} is missing or was made for other files or settings: an array task reads "
+                            "the survey (val_docs cut, dedup) the tokenizer job made; run `lmforge tokenize CONFIG "
+                            "--tokenizer-only` again first")
         survey_start, survey_cpu = time.time(), cpu_seconds()
         survey = take_survey(cfg, readers, units, wants, workers)
         main_cpu, worker_cpu = (end - begin for end, begin in zip(cpu_seconds(), survey_cpu, strict=True))
         surveyed = {"seconds": round(time.time() - survey_start, 3),
                     "cpu_seconds": {"main": round(main_cpu, 3), "workers": round(worker_cpu, 3)},
                     "sample_bytes_received": survey.received}
-        if wants.val_docs >= survey.count > 0:
+        if survey.count == 0:
+            raise DataError("the sources yielded no documents (every record empty or skipped?); check their paths, "
+                            "text_field and bad_records")
+        if wants.val_docs >= survey.count:
             raise DataError(f"split.val_docs is {wants.val_docs:,} but the sources hold {survey.count:,} documents: "
                             "nothing would be left to train on; hold out fewer (or use split.val_fraction)")
         val_cut, drops = survey.val_cut(), survey.drops
         sample = survey.sample(val_cut) if need_sample else []
         if planned_reading:
-            atomic.write_json(kept_survey, {"plan": plan, "val_cut": val_cut, "drops": drops, "documents": survey.count})
+            save_result(kept_survey, plan, val_cut, drops, survey.count)
         del survey
     if planned_reading and wants.dedup:  # the drops join each unit's digest: reused only under the same decisions
         for unit in units:
-            unit.hasher.update(json.dumps(drops[unit.index]).encode())
+            unit.hasher.update(json.dumps(drops[unit.index].tolist()).encode())
     # -- tokenizer ------------------------------------------------------------------------------
     if cfg.tokenizer.train is not None:
         t = cfg.tokenizer.train
@@ -254,6 +263,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         elapsed = max(time.time() - encode_start, 1e-9)
         bar.set_postfix_str(f"{docs / elapsed:,.0f} docs/s, {tokens / elapsed / 1e6:.2f}M tok/s", refresh=False)
 
+    earlier = sum(1 for p in (out / "chunks").glob("[0-9]*.json") if p.stem.isdigit())  # a partial run's units
     encode_start = time.time()
     cpu_start = cpu_seconds()
     context = multiprocessing.get_context("spawn")  # not fork: the parent may hold tokenizers' threads
@@ -277,7 +287,7 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
                         collect(pending.pop(future), future.result())
                 if planned_reading:
                     future = pool.submit(encode_unit, chunk.index, chunk.pieces, chunk.digest, binding,
-                                         cfg.shard_bytes, drops.get(chunk.index))
+                                         cfg.shard_bytes, drops[chunk.index].tolist() if chunk.index in drops else None)
                 else:
                     future = pool.submit(encode_chunk, chunk.index, chunk.docs, chunk.val, chunk.digest, binding,
                                          chunk.sources)
@@ -292,6 +302,10 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
                 bar.total = max(bar.total, bar.n)
             bar.close()
     encode_seconds = time.time() - encode_start
+    if part is None and resumed < earlier:  # a rerun that redoes finished work says so, and why it can
+        print(f"[tokenize] {earlier - resumed:,} of the {earlier:,} unit records of the partial run were not reused "
+              "(their files, the split, the tokenizer or lmforge's unit layout changed): encoded again, or removed",
+              file=sys.stderr)
     main_cpu, worker_cpu = (end - begin for end, begin in zip(cpu_seconds(), cpu_start, strict=True))
     if part is not None:
         print(f"[tokenize] part {part[0]}/{part[1]}: {len(records)} chunks ({resumed} already done), {tokens:,} "
@@ -414,60 +428,73 @@ def stop_workers(pending) -> None:
 
 
 def take_survey(cfg: TokenizeConfig, readers, units, wants: Wants, workers: int) -> Survey:
-    """The survey (pretrain/survey.py): by the workers over `units`, batches merged in unit order with at most
-    2 x workers units ahead, again with a higher seed when the first did not fill the sample; or, with no units
-    (a Hugging Face dataset, `reading: main`), by the main process over what it reads, a batch per MiB."""
+    """The survey (pretrain/survey.py): by the workers over `units`, at most 2 x workers in flight, the sample's and
+    the cut's parts merged as they come and the dedup keys in unit order (up to KEYS_HELD bytes of them waiting for
+    a slow unit); again for the sample alone, with a higher seed, when the first seed did not fill it. With no units
+    (a streaming dataset, `reading: main`) the main process surveys what it reads, a batch per MiB."""
     totals = [r.total_bytes() for r in readers]
     total = sum(totals) if None not in totals else None
     if units is None:
         survey = Survey(wants)
         batch, size, count = [], 0, 0
         bar = tqdm(desc="survey", unit=" docs", disable=not cfg.progress, dynamic_ncols=True)
-        for text in read_all(readers, Policy.of(cfg, report=False)):  # the encoding pass says what it skips
-            batch.append(text)
-            size += len(text)
-            if size >= 2**20:
-                survey.add(count, survey_docs(batch, wants, survey.limit))
+        for text in itertools.chain(read_all(readers, Policy.of(cfg, report=False)), [None]):  # the encoding says what it skips
+            if text is not None:
+                batch.append(text)
+                size += len(text)
+            if size >= 2**20 or (text is None and batch):
+                part = survey_docs(batch, wants, survey.limit, survey.val_limit)
+                survey.add(count, part)
+                if wants.dedup:
+                    survey.keys(count, part["keys"])
                 bar.update(len(batch))
                 batch, size, count = [], 0, count + 1
-        survey.add(count, survey_docs(batch, wants, survey.limit))
-        bar.update(len(batch))
         bar.close()
         survey.complete()
         return survey
-    seed = seed_for(wants, total)
+    survey = Survey(wants, limit=seed_for(wants, total), seed=seed_for(wants, total))
     init = (None, False, 0, "uint16", 0, str(cfg.out_dir), cfg.sources, policy_args(cfg))
+    sample_only = False
     while True:
-        survey = Survey(wants, limit=seed, seed=seed)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="survey", disable=not cfg.progress,
                    dynamic_ncols=True)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
                                  initargs=init) as pool:
-            pending: dict = {}
-            ready: dict = {}
-            merged = 0
+            pending: dict = {}  # future -> unit
+            waiting: dict = {}  # unit -> its dedup keys, until the units before it are in
+            held = merged = 0  # bytes of keys waiting; units whose keys are in
             try:
                 for unit in [*units, None]:
-                    while pending and (unit is None or len(pending) + len(ready) >= 2 * workers):
+                    while pending and (unit is None or len(pending) >= 2 * workers or held > KEYS_HELD):
                         finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                         for future in finished:
-                            ready[pending.pop(future)] = future.result()
-                        while merged in ready:
-                            survey.add(merged, ready.pop(merged))
-                            bar.update(units[merged].nbytes)
+                            index, batch = pending.pop(future), future.result()
+                            survey.add(index, batch)
+                            bar.update(units[index].nbytes)
+                            if batch["keys"] is not None:
+                                waiting[index] = batch["keys"]
+                                held += batch["keys"].nbytes
+                        while merged in waiting:
+                            keys = waiting.pop(merged)
+                            held -= keys.nbytes
+                            survey.keys(merged, keys)
                             merged += 1
                     if unit is not None:
-                        pending[pool.submit(survey_unit, unit.pieces, wants, survey.limit)] = unit.index
+                        future = pool.submit(survey_unit, unit.pieces, wants, survey.limit, survey.val_limit,
+                                             sample_only)
+                        pending[future] = unit.index
             except BaseException:
                 stop_workers(pending)
                 raise
             finally:
                 bar.close()
-        if survey.complete():
+        if survey.complete() or survey.count == 0:
             return survey
-        seed = survey.next_seed()
         print(f"[tokenize] the tokenizer's sample did not fill ({describe_bytes(survey.received)} of text below "
-              f"the first limit, for {describe_bytes(wants.sample_bytes)}): surveying again with a higher one")
+              f"the first limit, for {describe_bytes(wants.sample_bytes)}): surveying the sample again with a higher "
+              "limit", file=sys.stderr)
+        survey.again()
+        sample_only = True
 
 
 if __name__ == "__main__":

@@ -135,14 +135,15 @@ class TokenizeConfig(StrictModel):
     """How documents are split between train and val."""
     dedup: Literal["none", "exact"] = "none"
     """`exact`: a document identical to an earlier one (in any source) is kept once, the rest counted as skipped
-    duplicates (a set of 8-byte hashes: ~70 bytes of memory per distinct document)."""
+    duplicates (8-byte hashes: 8 bytes of memory per distinct document as the workers read, ~90 when the main
+    process reads)."""
     shard_bytes: int = Field(16 * 2**20, ge=1024)
     """Text per shard (one unit of parallel work), in UTF-8 bytes."""
     workers: int = Field(0, ge=0)
     """Worker processes for encoding; 0 means one per CPU core."""
     reading: Literal["workers", "main"] = "workers"
-    """Who reads local files: the workers, each its own files and byte spans (the main process only lists them),
-    or the main process, which reads and sends documents (always so for Hugging Face datasets)."""
+    """Who reads: the workers, each its own files, byte spans or dataset row ranges (the main process only plans),
+    or the main process, which reads and sends documents (always so when a source is a streaming dataset)."""
     utf8_errors: Literal["replace", "error"] = "replace"
     """Invalid UTF-8: replace bad bytes with U+FFFD (counted), or stop naming file and byte offset."""
     bad_records: Literal["error", "skip"] = "error"

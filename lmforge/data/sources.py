@@ -250,6 +250,7 @@ class HFReader(Reader):
     def __init__(self, spec: HFSource):
         self.spec = spec
         self._dataset = None
+        self._identity: list | None = None
 
     def describe(self) -> str:
         extra = "".join(f" {k}={v}" for k, v in (("config", self.spec.config), ("split", self.spec.split)) if v)
@@ -309,9 +310,13 @@ class HFReader(Reader):
             yield self.spec.name, (start, end), size * (end - start) // max(rows, 1)
 
     def identity(self, path: str) -> list:
-        """The dataset's Arrow files (paths, sizes, modification times) and its rows."""
-        files = [Path(f["filename"]) for f in self.dataset().cache_files]
-        return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files] + [len(self.dataset())]
+        """The dataset's fingerprint, rows and Arrow files (names and sizes, not their folder: two nodes' caches
+        of one dataset are the same data); taken once, as every row range asks."""
+        if self._identity is None:
+            ds = self.dataset()
+            files = [Path(f["filename"]) for f in ds.cache_files]
+            self._identity = [getattr(ds, "_fingerprint", None), len(ds), [[f.name, f.stat().st_size] for f in files]]
+        return self._identity
 
     def read_file(self, path: str, policy: Policy, span: tuple[int, int] | None = None) -> Iterator[str]:
         start, end = span or (0, len(self.dataset()))

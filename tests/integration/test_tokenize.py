@@ -250,7 +250,10 @@ def test_array_parts_then_a_plain_run_are_byte_identical_to_one_run(tmp_path, to
     assert "has no tokenizer yet" in capsys.readouterr().err
     assert tokenize.main([*parts, "--tokenizer-only"]) == 0
     chunks = tmp_path / "parts" / "chunks"
-    capsys.readouterr()
+    (chunks / "survey.npz").rename(tmp_path / "survey.npz")
+    assert tokenize.main([*parts, "--part", "1/3"]) == 1  # without the survey: each task would read everything
+    assert "run `lmforge tokenize CONFIG --tokenizer-only` again first" in capsys.readouterr().err
+    (tmp_path / "survey.npz").rename(chunks / "survey.npz")
     for i in (2, 0):
         assert tokenize.main([*parts, "--part", f"{i}/3"]) == 0
         assert "survey: the val cut and the duplicates from" in capsys.readouterr().out
@@ -311,6 +314,20 @@ def test_val_docs_that_hold_out_the_whole_corpus_is_an_error(tmp_path, tokenize_
     assert "split.val_docs is 20 but the sources hold 20 documents" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("reading", ["workers", "main"])
+def test_sources_with_no_document_left_are_an_error_before_a_tokenizer_is_trained(tmp_path, tokenize_config, capsys,
+                                                                                   reading):
+    """Every record skipped: with val_docs the workers' survey used to end in an IndexError, and with val_fraction
+    a BPE was trained on nothing before the error."""
+    (tmp_path / "c.jsonl").write_text('{broken\n{"text": "  "}\n')
+    for n, split in enumerate(({"val_docs": 5}, {"val_fraction": 0.1})):
+        cfg = tokenize_config([{"type": "files", "paths": [str(tmp_path / "c.jsonl")]}], split=split, reading=reading,
+                              bad_records="skip", tokenizer={"train": {"vocab_size": 300}}, out_dir=str(tmp_path / f"{n}"))
+        assert tokenize.main([str(cfg)]) == 1
+        assert "yielded no documents" in capsys.readouterr().err
+        assert not (tmp_path / f"{n}" / "tokenizer").exists()
+
+
 def test_a_resume_after_the_input_changed_redoes_what_is_stale_and_leaves_no_orphans(tmp_path, tokenize_config,
                                                                                     capsys):
     """With `split.val_docs` a changed input moves the val cut: chunks finished under the old cut must not be
@@ -327,6 +344,7 @@ def test_a_resume_after_the_input_changed_redoes_what_is_stale_and_leaves_no_orp
     assert tokenize.main([str(cfg)]) == 0
     err = capsys.readouterr().err
     assert "the input changed since the partial run" in err and "1 file added" in err and "1 file removed" in err
+    assert "unit records of the partial run were not reused" in err  # the cut moved: every unit encoded again
     assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'fresh'}"]) == 0
     assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "fresh")
     assert TokenShards(tmp_path / "out", "val").num_documents == 15

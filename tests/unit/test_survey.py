@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lmforge.data.sources import doc_hash, hash_fraction, sample_fraction
-from pretrain.survey import Survey, Wants, seed_for, survey_docs
+from pretrain.survey import Seen, Survey, Wants, load_result, save_result, seed_for, survey_docs
 
 
 def corpus(n: int, seed: int = 0) -> list[str]:
@@ -51,15 +51,25 @@ def serial(texts: list[str], wants: Wants) -> tuple[list[str], float, int, list[
     return sample, cut, len(kept), drops
 
 
-def surveyed(texts: list[str], wants: Wants, bounds: list[int], seed: int) -> Survey:
-    """The survey over units cut at `bounds`, again with a higher seed until it is complete (as tokenize does)."""
+def surveyed(texts: list[str], wants: Wants, bounds: list[int], seed: int, shuffle: bool = False) -> Survey:
+    """The survey over units cut at `bounds` as tokenize runs it: the sample's and the cut's parts merged in any
+    order (`shuffle`, merging val positions at every unit: val_limit falls), the dedup keys in unit order; the sample
+    again with a higher seed until it is complete."""
+    units = list(enumerate(zip([0, *bounds], [*bounds, len(texts)], strict=True)))
+    survey, sample_only = Survey(wants, limit=seed, seed=seed, val_batch=1 if shuffle else 2**16), False
     while True:
-        survey = Survey(wants, limit=seed, seed=seed)
-        for unit, (start, end) in enumerate(zip([0, *bounds], [*bounds, len(texts)], strict=True)):
-            survey.add(unit, survey_docs(texts[start:end], wants, survey.limit))
+        order = random.Random(len(units)).sample(units, len(units)) if shuffle else units
+        batches = {}
+        for unit, (start, end) in order:
+            batches[unit] = survey_docs(texts[start:end], wants, survey.limit, survey.val_limit, sample_only)
+            survey.add(unit, batches[unit])
+        if wants.dedup and not sample_only:
+            for unit, _ in units:
+                survey.keys(unit, batches[unit]["keys"])
         if survey.complete():
             return survey
-        seed = survey.next_seed()
+        survey.again()
+        sample_only = True
 
 
 @pytest.mark.parametrize("dedup", [False, True])
@@ -74,12 +84,13 @@ def test_any_units_and_any_seed_give_the_serial_passs_sample_cut_and_duplicates(
                          (sorted(rng.sample(range(1, len(texts)), 40)), 2**64),
                          (sorted(rng.sample(range(1, len(texts)), 40)), 2**50),  # a seed far too low: surveyed again
                          (sorted(rng.sample(range(1, len(texts)), 9)), seed_for(wants, 10 * 60_000))]:
-        survey = surveyed(texts, wants, bounds, seed)
+      for shuffle in (False, True):
+        survey = surveyed(texts, wants, bounds, seed, shuffle)
         assert survey.sample(survey.val_cut()) == sample
         assert survey.val_cut() == cut and survey.count == count
         if dedup:
             starts = [0, *bounds]
-            found = sorted(starts[unit] + place for unit, places in survey.drops.items() for place in places)
+            found = sorted(starts[unit] + int(place) for unit, places in survey.drops.items() for place in places)
             assert found == drops
 
 
@@ -88,9 +99,33 @@ def test_a_low_seed_is_raised_until_the_sample_fills_and_the_limit_falls_as_it_f
     wants = Wants(sample_bytes=20_000, val_fraction=0.0, val_docs=0, dedup=False)
     low = Survey(wants, limit=2**40, seed=2**40)
     low.add(0, survey_docs(texts, wants, low.limit))
-    assert not low.complete() and low.next_seed() > 2**41  # nothing below 2**40 / 2**64: raise the seed
+    assert not low.complete()  # nothing below 2**40 / 2**64: raise the seed
+    low.again()
+    assert low.seed > 2**41 and low.limit == low.seed and not low.kept
     full = Survey(wants)
     for unit in range(0, len(texts), 10):
         full.add(unit, survey_docs(texts[unit:unit + 10], wants, full.limit))
     assert full.complete() and full.overflowed and full.limit < 2**64 // 2  # ~20 KB of ~3 MB: a low boundary
     assert 0 < len(full.kept) < len(texts) // 4
+
+
+def test_the_seen_keys_find_exactly_the_repeats_a_set_finds():
+    rng = np.random.default_rng(0)
+    seen, reference = Seen(), set()
+    for size in [0, 1, 5, 1000, 3, 20_000, 7, 4096] * 6:
+        keys = rng.integers(0, 50_000, size=size, dtype=np.uint64)  # repeats within and across units
+        expected = []
+        for place, key in enumerate(keys.tolist()):
+            if key in reference:
+                expected.append(place)
+            reference.add(key)
+        assert seen.drops(keys).tolist() == expected
+    assert len(seen) == len(reference) and len(seen.runs) <= 17  # merged like a binary counter: log2 runs
+
+
+def test_the_kept_result_reads_back_only_for_its_plan(tmp_path):
+    drops = {0: np.array([3, 9], dtype=np.int64), 1: np.array([], dtype=np.int64), 7: np.array([0], dtype=np.int64)}
+    save_result(tmp_path / "survey.npz", "plan-a", 0.0123, drops, 1000)
+    cut, back = load_result(tmp_path / "survey.npz", "plan-a")
+    assert cut == 0.0123 and {k: v.tolist() for k, v in back.items()} == {0: [3, 9], 1: [], 7: [0]}
+    assert load_result(tmp_path / "survey.npz", "plan-b") is None and load_result(tmp_path / "none.npz", "x") is None
