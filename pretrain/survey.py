@@ -130,8 +130,8 @@ class Seen:
         fresh = unique[~known]
         if fresh.size:
             self.runs.append(fresh)
-            while len(self.runs) > 1 and self.runs[-1].size * 2 >= self.runs[-2].size:
-                self.runs[-2:] = [np.sort(np.concatenate(self.runs[-2:]))]
+            while len(self.runs) > 1 and self.runs[-1].size * 8 >= self.runs[-2].size:
+                self.runs[-2:] = [np.sort(np.concatenate(self.runs[-2:]), kind="stable")]  # timsort: a linear merge of two runs
         return np.flatnonzero(~keep)
 
 

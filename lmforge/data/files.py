@@ -22,6 +22,7 @@ import itertools
 import json
 import lzma
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,9 @@ NOT_DATA = {"readme", "readme.md", "readme.txt", "readme.rst", "license", "licen
 NOT_DATA_SUFFIXES = (".crc", ".lock")  # Spark/Hadoop checksums, download locks
 BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8"),
         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # UTF-32 LE starts like UTF-16 LE: first
+
+
+WINDOW = 2**18  # characters of a JSON array's text parsed from at a time (more while a record is longer)
 
 
 def compression(path: Path) -> str:
@@ -336,18 +340,10 @@ class FilesReader(Reader):
             first = next(((n, o, raw) for n, o, raw in numbered if raw.strip()), None)
             if first is None:
                 return
-            if first[2].lstrip().startswith(b"["):  # a .json file holding one array of records
-                blob = first[2] + b"".join(raw for _, _, raw in numbered)
-                try:
-                    records = json.loads(policy.decode(blob, str(path)))
-                except json.JSONDecodeError as e:
-                    policy.bad_record(f"{path}:{first[0] + e.lineno - 1}", f"malformed JSON array: {e.msg}",
-                                      "malformed_json")
-                    return
-                for i, record in enumerate(records if isinstance(records, list) else []):
-                    yield from self._record(record, f"{path}: record {i + 1}", policy)
-                return
             numbered.close()
+            if first[2].lstrip().startswith(b"["):  # a .json file holding one array of records
+                yield from self._array(path, policy)
+                return
         cap = policy.max_document_bytes
         # a record is not split: a line longer than twice the document cap (JSON escapes lengthen text) is
         # skipped whole, never held whole in memory
@@ -356,6 +352,80 @@ class FilesReader(Reader):
                 policy.skipped["too_long"] += 1
             elif raw.strip():
                 yield from self._line(number, offset, raw, path, policy)
+
+    def _array(self, path: Path, policy: Policy) -> Iterator[str]:
+        """The records of a file holding one JSON array, parsed one at a time from a window of the text: memory
+        is bounded by the largest record, not the file (a 10 GB array used to be held as bytes, text and objects
+        at once). A malformed element ends the file: the records before it stay."""
+        pieces = lines(path, limit=2**20)  # UTF-8 bytes, a line (at most 1 MiB of one) at a time, whatever the encoding
+        decode = codecs.getincrementaldecoder("utf-8")("strict").decode
+        decoder = json.JSONDecoder()
+        space = re.compile(r"[ \t\n\r]*")
+        window, at, line, eof, want, record = "", 0, 1, False, WINDOW, 0
+
+        def fill(more: int) -> None:  # at least `more` characters past the window's end, or the end of the file
+            nonlocal window, eof, decode
+            got, size = [], 0
+            while not eof and size < more:
+                piece = next(pieces, None)
+                if piece is None:
+                    eof = True
+                    got.append(decode(b"", final=True))
+                    break
+                try:
+                    got.append(decode(piece[2]))
+                except UnicodeDecodeError as e:
+                    if policy.utf8_errors == "error":
+                        raise DataError(f"{path}: invalid UTF-8 at byte offset {piece[1] + e.start} (set utf8_errors: "
+                                        "replace to substitute U+FFFD and go on)") from None
+                    policy.replaced_docs += 1  # counted once per file, as a whole-file decode counted it
+                    decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+                    got.append(decode(piece[2]))
+                size += len(got[-1])
+            window += "".join(got)
+
+        def token() -> str:  # the next non-space character ('' at the end of the file), `at` moved to it
+            nonlocal at
+            while True:
+                at = space.match(window, at).end()
+                if at < len(window) or eof:
+                    return window[at:at + 1]
+                fill(want)
+
+        def malformed(problem: str) -> None:
+            policy.bad_record(f"{path}:{line + window.count(chr(10), 0, at)}", f"malformed JSON array: {problem}",
+                              "malformed_json")
+
+        if token() != "[":
+            return malformed("expected '['")
+        at += 1
+        if token() == "]":
+            return
+        while True:
+            if at > WINDOW:  # drop what is parsed: the window holds the current record and what follows it
+                line += window.count("\n", 0, at)
+                window, at = window[at:], 0
+            token()
+            try:
+                value, end = decoder.raw_decode(window, at)
+                if end == len(window) and not eof:  # a number cut by the window's end parses as a shorter one
+                    raise json.JSONDecodeError("cut", window, end)
+            except json.JSONDecodeError as e:
+                if eof:
+                    return malformed(e.msg)
+                fill(want)
+                want *= 2  # a record longer than the window: read twice as much before parsing it again
+                continue
+            want = WINDOW
+            record += 1
+            yield from self._record(value, f"{path}: record {record}", policy)
+            at = end
+            following = token()
+            if following == "]":
+                return
+            if following != ",":
+                return malformed(f"expected ',' or ']' after record {record}")
+            at += 1
 
     def _line(self, number: int, offset: int, raw: bytes, path: Path, policy: Policy) -> Iterator[str]:
         where = located(path, number, offset)

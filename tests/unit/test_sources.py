@@ -377,3 +377,37 @@ def test_the_plan_stats_each_input_file_once(tmp_path, monkeypatch):
     units = list(planned([reader], 16_384))
     assert sum(1 for u in units for piece in u.pieces if piece[2]) > 10  # the big file came as spans
     assert set(calls) == {p.name for p in reader.files()} and max(calls.values()) == 1
+
+
+def test_a_json_array_is_read_a_record_at_a_time_in_bounded_memory(tmp_path):
+    """A .json file holding one array used to be read, decoded and parsed whole: a 10 GB array took ~30 GB. It is
+    now parsed a record at a time from a window of the text: records longer than the window, numbers cut by its
+    edge, other encodings and compression read the same, and a malformed element keeps what came before it."""
+    import tracemalloc
+
+    rows = [{"text": f"record {i} " + "\u00e9x" * (i % 400), "n": i} for i in range(4_000)]
+    expected = [r["text"] for r in rows]
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=1))
+    size = (tmp_path / "a.json").stat().st_size
+    tracemalloc.start()
+    count = sum(1 for _ in open_source(files(tmp_path / "a.json")).documents(Policy()))  # nothing kept: its own memory
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == 4_000 and size > 5e6 and peak < 0.5 * size  # ~4x the file when parsed whole; now ~the window
+    assert docs(files(tmp_path / "a.json")) == expected
+    rows[3000]["text"] = "long " * 500_000  # 2.5 MB: longer than the window
+    (tmp_path / "long.json").write_text(json.dumps(rows[2990:3010]))
+    assert docs(files(tmp_path / "long.json")) == [r["text"] for r in rows[2990:3010]]
+    (tmp_path / "b.json.gz").write_bytes(gzip.compress(json.dumps(rows[:300]).encode("utf-16")))
+    assert docs(files(tmp_path / "b.json.gz")) == expected[:300]
+    numbers = "[" + ", ".join([json.dumps({"text": "a"})] + ["123456789"] * 300_000) + "]"  # numbers at every cut
+    (tmp_path / "n.json").write_text(numbers)
+    policy = Policy(bad_records="skip")
+    assert docs(files(tmp_path / "n.json"), policy) == ["a"] and policy.skipped["missing_field"] == 300_000
+    (tmp_path / "bad.json").write_text('[\n{"text": "kept"},\n{"text": "also"}\n{"text": "lost"}]')
+    policy = Policy(bad_records="skip")
+    assert docs(files(tmp_path / "bad.json"), policy) == ["kept", "also"] and policy.skipped["malformed_json"] == 1
+    with pytest.raises(DataError, match=r"bad\.json:4: malformed JSON array: expected ',' or ']' after record 2"):
+        docs(files(tmp_path / "bad.json"))
+    (tmp_path / "empty.json").write_text(" [ ] ")
+    assert docs(files(tmp_path / "empty.json", tmp_path / "bad.json"), Policy(bad_records="skip")) == ["kept", "also"]
