@@ -208,13 +208,14 @@ def test_the_sbatch_template_runs_by_hand(slurm, tmp_path, tiny_data):
 
 def test_an_array_tokenization_equals_the_one_node_output(slurm, tmp_path):
     """`resources.array: 3`: the tokenizer job, a 3-task array (task i encodes chunks i, i+3, ...), then the job
-    that writes meta.json: byte for byte what one `lmforge tokenize` writes."""
+    that writes meta.json: byte for byte what one `lmforge tokenize` writes. With val_docs and exact dedup the
+    tokenizer job's survey (the cut, the duplicates) is what every task reads, not the whole corpus each."""
     from pretrain import tokenize
 
     files = [str(p) for p in stdlib_files()[:60]]
     cfg = write_yaml(tmp_path / "tokenize.yaml", {
         "out_dir": str(tmp_path / "array"), "sources": [{"type": "files", "paths": files, "format": "txt"}],
-        "tokenizer": {"train": {"vocab_size": 600}}, "split": {"val_fraction": 0.1}, "workers": 1,
+        "tokenizer": {"train": {"vocab_size": 600}}, "split": {"val_docs": 6}, "dedup": "exact", "workers": 1,
         "progress": False, "shard_bytes": 1 << 16})
     path = pipeline(tmp_path, [{"name": "tokenize", "stage": "tokenize", "config": str(cfg),
                                 "resources": {"array": 3}}])
@@ -229,7 +230,8 @@ def test_an_array_tokenization_equals_the_one_node_output(slurm, tmp_path):
     assert slurm.job(first)["EndTime"] <= min(t["StartTime"] for t in tasks)
     assert max(t["EndTime"] for t in tasks) <= fields["StartTime"]
     logs = [Path(t["StdOut"]).read_text() for t in tasks]
-    assert all(f"part {i}/3: " in log for i, log in enumerate(logs))
+    assert all(f"part {i}/3: " in log and "survey: the val cut and the duplicates from" in log
+               for i, log in enumerate(logs))
     chunks = len([p for p in (tmp_path / "array" / "chunks").glob("[0-9]*.json") if p.stem.isdigit()])  # units
     assert chunks >= 3 and f"({chunks} resumed)" in Path(fields["StdOut"]).read_text()  # the array encoded them all
     assert tokenize.main([str(cfg), f"out_dir={tmp_path / 'one'}"]) == 0
