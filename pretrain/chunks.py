@@ -77,10 +77,14 @@ class Unit:
         return self.hasher.hexdigest()
 
 
+UNITS_VERSION = b"units-2"  # in every unit's digest: a reader or layout change in lmforge redoes a partial run's units
+
+
 def planned(readers, target: int):
     """Units of about `target` input bytes over the files of every source, in order: small files grouped, a large
     line-per-document file cut into spans, a large compressed file whole (its worker writes several shards)."""
     unit = Unit(0)
+    unit.hasher.update(UNITS_VERSION)
     for source, reader in enumerate(readers):
         for path, span, size in reader.spans(target):
             unit.pieces.append((source, str(path), span))
@@ -89,6 +93,7 @@ def planned(readers, target: int):
             if unit.nbytes >= target:
                 yield unit
                 unit = Unit(unit.index + 1)
+                unit.hasher.update(UNITS_VERSION)
     if unit.pieces:
         yield unit
 

@@ -152,6 +152,7 @@ class Survey:
     drops: dict[int, np.ndarray] = field(default_factory=dict)  # unit -> places of its documents that repeat
     val: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
     val_pending: list = field(default_factory=list)
+    val_pending_size: int = 0
     val_batch: int = 2**16  # val positions gathered before they merge (and lower val_limit)
     kept: list = field(default_factory=list)  # (key, unit, place, position, bytes, text), sorted
     pending: list = field(default_factory=list)
@@ -169,8 +170,11 @@ class Survey:
         w = self.wants
         self.count += batch["count"]
         if w.val_docs and batch["val"].size:
-            self.val_pending.append(batch["val"][batch["val"] < self.val_limit])
-            if sum(v.size for v in self.val_pending) >= max(w.val_docs, self.val_batch):
+            below = batch["val"][batch["val"] < self.val_limit]
+            if below.size:
+                self.val_pending.append(below)
+                self.val_pending_size += below.size
+            if self.val_pending_size >= max(w.val_docs, self.val_batch) or len(self.val_pending) >= 1024:
                 self._merge_val()
         for key, place, pos, text in batch["sample"]:
             if key < self.limit:
@@ -187,8 +191,9 @@ class Survey:
         self.count -= self.drops[unit].size
 
     def _merge_val(self) -> None:
-        self.val = smallest(np.concatenate([self.val, *self.val_pending]), self.wants.val_docs, self.wants.dedup)
-        self.val_pending = []
+        if self.val_pending:
+            self.val = smallest(np.concatenate([self.val, *self.val_pending]), self.wants.val_docs, self.wants.dedup)
+        self.val_pending, self.val_pending_size = [], 0
 
     def _compact(self) -> None:
         """Merge what came in into the sample: the longest prefix in key order (corpus order breaking ties) within
@@ -249,7 +254,8 @@ def save_result(path: Path, plan: str, val_cut: float, drops: dict[int, np.ndarr
     per duplicate, binary: a billion duplicates is 4 GB, not the ~12 GB and minutes of JSON)."""
     ids = np.array(sorted(drops), dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum([drops[i].size for i in ids.tolist()], dtype=np.int64)])
-    places = np.concatenate([drops[i] for i in ids.tolist()] or [np.empty(0)]).astype(np.uint32)
+    places = np.concatenate([drops[i] for i in ids.tolist()] or [np.empty(0)])
+    places = places.astype(np.uint32 if places.max(initial=0) < 2**32 else np.uint64)  # a unit of 4e9 documents
     buffer = io.BytesIO()
     np.savez(buffer, plan=np.array(plan), val_cut=np.float64(val_cut), documents=np.int64(documents), ids=ids,
              offsets=offsets.astype(np.int64), places=places)

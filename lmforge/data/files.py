@@ -336,11 +336,11 @@ class FilesReader(Reader):
 
     def _jsonl(self, path: Path, policy: Policy, span: tuple[int, int] | None = None) -> Iterator[str]:
         if span is None:  # (a span's file holds no array: see `splittable`)
-            numbered = lines(path)
+            numbered = lines(path, limit=2**16)  # the first non-blank bytes: a one-line array is not read whole here
             first = next(((n, o, raw) for n, o, raw in numbered if raw.strip()), None)
+            numbered.close()
             if first is None:
                 return
-            numbered.close()
             if first[2].lstrip().startswith(b"["):  # a .json file holding one array of records
                 yield from self._array(path, policy)
                 return
@@ -355,34 +355,44 @@ class FilesReader(Reader):
 
     def _array(self, path: Path, policy: Policy) -> Iterator[str]:
         """The records of a file holding one JSON array, parsed one at a time from a window of the text: memory
-        is bounded by the largest record, not the file (a 10 GB array used to be held as bytes, text and objects
-        at once). A malformed element ends the file: the records before it stay."""
-        pieces = lines(path, limit=2**20)  # UTF-8 bytes, a line (at most 1 MiB of one) at a time, whatever the encoding
-        decode = codecs.getincrementaldecoder("utf-8")("strict").decode
+        is bounded by the largest record (a 10 GB array used to be held as bytes, text and objects at once). A
+        record longer than twice max_document_bytes skips the rest of the file (reported); a malformed element
+        ends the file, the records before it kept."""
+        pieces = lines(path, limit=2**16)  # UTF-8 bytes, a line (at most 64 KiB of one) at a time, whatever the encoding
+        utf8 = codecs.getincrementaldecoder("utf-8")("strict")
         decoder = json.JSONDecoder()
         space = re.compile(r"[ \t\n\r]*")
+        longest = 2 * policy.max_document_bytes + 2**20 if policy.max_document_bytes else None
         window, at, line, eof, want, record = "", 0, 1, False, WINDOW, 0
 
         def fill(more: int) -> None:  # at least `more` characters past the window's end, or the end of the file
-            nonlocal window, eof, decode
+            nonlocal window, eof, utf8
             got, size = [], 0
             while not eof and size < more:
                 piece = next(pieces, None)
                 if piece is None:
                     eof = True
-                    got.append(decode(b"", final=True))
+                    got.append(utf8.decode(b"", final=True))
                     break
+                state = utf8.getstate()  # bytes of a character cut by the last piece, kept if we switch decoders
                 try:
-                    got.append(decode(piece[2]))
+                    got.append(utf8.decode(piece[2]))
                 except UnicodeDecodeError as e:
                     if policy.utf8_errors == "error":
-                        raise DataError(f"{path}: invalid UTF-8 at byte offset {piece[1] + e.start} (set utf8_errors: "
-                                        "replace to substitute U+FFFD and go on)") from None
+                        raise DataError(f"{path}: invalid UTF-8 at byte offset {piece[1] + e.start - len(state[0])} "
+                                        "(set utf8_errors: replace to substitute U+FFFD and go on)") from None
                     policy.replaced_docs += 1  # counted once per file, as a whole-file decode counted it
-                    decode = codecs.getincrementaldecoder("utf-8")("replace").decode
-                    got.append(decode(piece[2]))
+                    utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+                    utf8.setstate(state)
+                    got.append(utf8.decode(piece[2]))
                 size += len(got[-1])
             window += "".join(got)
+
+        def drop() -> None:  # what is parsed leaves the window (once it is most of it: no copy per small record)
+            nonlocal window, at, line
+            if at > max(WINDOW, len(window) // 2):
+                line += window.count("\n", 0, at)
+                window, at = window[at:], 0
 
         def token() -> str:  # the next non-space character ('' at the end of the file), `at` moved to it
             nonlocal at
@@ -390,42 +400,52 @@ class FilesReader(Reader):
                 at = space.match(window, at).end()
                 if at < len(window) or eof:
                     return window[at:at + 1]
+                drop()
                 fill(want)
 
-        def malformed(problem: str) -> None:
-            policy.bad_record(f"{path}:{line + window.count(chr(10), 0, at)}", f"malformed JSON array: {problem}",
+        def malformed(problem: str, where: int | None = None) -> None:
+            where = at if where is None else where
+            policy.bad_record(f"{path}:{line + window.count(chr(10), 0, where)}", f"malformed JSON array: {problem}",
                               "malformed_json")
 
         if token() != "[":
             return malformed("expected '['")
         at += 1
         if token() == "]":
-            return
-        while True:
-            if at > WINDOW:  # drop what is parsed: the window holds the current record and what follows it
-                line += window.count("\n", 0, at)
-                window, at = window[at:], 0
-            token()
-            try:
-                value, end = decoder.raw_decode(window, at)
-                if end == len(window) and not eof:  # a number cut by the window's end parses as a shorter one
-                    raise json.JSONDecodeError("cut", window, end)
-            except json.JSONDecodeError as e:
-                if eof:
-                    return malformed(e.msg)
-                fill(want)
-                want *= 2  # a record longer than the window: read twice as much before parsing it again
-                continue
-            want = WINDOW
-            record += 1
-            yield from self._record(value, f"{path}: record {record}", policy)
-            at = end
-            following = token()
-            if following == "]":
-                return
-            if following != ",":
-                return malformed(f"expected ',' or ']' after record {record}")
             at += 1
+        else:
+            while True:
+                drop()
+                token()
+                try:
+                    value, end = decoder.raw_decode(window, at)
+                    if end > len(window) - 64 and not eof:  # a number cut by the window's end parses as a shorter one
+                        raise json.JSONDecodeError("cut", window, len(window))
+                except json.JSONDecodeError as e:
+                    cut = e.pos >= len(window) - 8 or e.msg.startswith("Unterminated string")  # not yet all read
+                    if eof or not cut:
+                        return malformed(e.msg, e.pos)
+                    if longest and len(window) - at > longest:
+                        policy.skip_file(path, "too_long", f"record {record + 1} of its JSON array is longer than "
+                                         f"{longest:,} characters (2 x max_document_bytes): the rest of the file is "
+                                         "not read")
+                        return
+                    fill(want)
+                    want *= 2  # a record longer than the window: read twice as much before parsing it again
+                    continue
+                want = WINDOW
+                record += 1
+                yield from self._record(value, f"{path}: record {record}", policy)
+                at = end
+                following = token()
+                if following == "]":
+                    at += 1
+                    break
+                if following != ",":
+                    return malformed(f"expected ',' or ']' after record {record}")
+                at += 1
+        if token() != "":
+            malformed("data after the array's closing ']'")
 
     def _line(self, number: int, offset: int, raw: bytes, path: Path, policy: Policy) -> Iterator[str]:
         where = located(path, number, offset)

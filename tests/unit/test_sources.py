@@ -388,13 +388,18 @@ def test_a_json_array_is_read_a_record_at_a_time_in_bounded_memory(tmp_path):
     rows = [{"text": f"record {i} " + "\u00e9x" * (i % 400), "n": i} for i in range(4_000)]
     expected = [r["text"] for r in rows]
     (tmp_path / "a.json").write_text(json.dumps(rows, indent=1))
-    size = (tmp_path / "a.json").stat().st_size
-    tracemalloc.start()
-    count = sum(1 for _ in open_source(files(tmp_path / "a.json")).documents(Policy()))  # nothing kept: its own memory
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert count == 4_000 and size > 5e6 and peak < 0.5 * size  # ~4x the file when parsed whole; now ~the window
-    assert docs(files(tmp_path / "a.json")) == expected
+    (tmp_path / "one_line.json").write_text(json.dumps(rows))  # json.dump's default: the whole array on one line
+    (tmp_path / "bad_early.json").write_text(json.dumps(rows[:2])[:-1] + ', {"text": oops}, ' + json.dumps(rows)[1:])
+    for name, want in [("a.json", 4_000), ("one_line.json", 4_000), ("bad_early.json", 2)]:
+        size = (tmp_path / name).stat().st_size
+        tracemalloc.start()
+        policy = Policy(bad_records="skip")
+        count = sum(1 for _ in open_source(files(tmp_path / name)).documents(policy))  # nothing kept: its own memory
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        # ~2.5x the file when parsed whole; now ~the window, and a bad element is not a reason to read on
+        assert count == want and size > 5e6 and peak < 0.3 * size, name
+    assert docs(files(tmp_path / "a.json")) == expected == docs(files(tmp_path / "one_line.json"))
     rows[3000]["text"] = "long " * 500_000  # 2.5 MB: longer than the window
     (tmp_path / "long.json").write_text(json.dumps(rows[2990:3010]))
     assert docs(files(tmp_path / "long.json")) == [r["text"] for r in rows[2990:3010]]
@@ -409,5 +414,12 @@ def test_a_json_array_is_read_a_record_at_a_time_in_bounded_memory(tmp_path):
     assert docs(files(tmp_path / "bad.json"), policy) == ["kept", "also"] and policy.skipped["malformed_json"] == 1
     with pytest.raises(DataError, match=r"bad\.json:4: malformed JSON array: expected ',' or ']' after record 2"):
         docs(files(tmp_path / "bad.json"))
+    (tmp_path / "trailing.json").write_text('[{"text": "a"}]\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"trailing\.json:2: malformed JSON array: data after the array's closing"):
+        docs(files(tmp_path / "trailing.json"))
+    (tmp_path / "huge.json").write_text(json.dumps([{"text": "a"}, {"text": "x" * 3_000_000}, {"text": "b"}]))
+    policy = Policy(max_document_bytes=100_000)
+    assert docs(files(tmp_path / "huge.json", tmp_path / "a.json"), policy)[:2] == ["a", expected[0]]
+    assert policy.skipped["too_long"] == 1 and "longer than" in policy.skipped_files[str(tmp_path / "huge.json")]
     (tmp_path / "empty.json").write_text(" [ ] ")
     assert docs(files(tmp_path / "empty.json", tmp_path / "bad.json"), Policy(bad_records="skip")) == ["kept", "also"]

@@ -129,3 +129,5 @@ def test_the_kept_result_reads_back_only_for_its_plan(tmp_path):
     cut, back = load_result(tmp_path / "survey.npz", "plan-a")
     assert cut == 0.0123 and {k: v.tolist() for k, v in back.items()} == {0: [3, 9], 1: [], 7: [0]}
     assert load_result(tmp_path / "survey.npz", "plan-b") is None and load_result(tmp_path / "none.npz", "x") is None
+    save_result(tmp_path / "big.npz", "p", 0.5, {0: np.array([5, 2**32 + 7])}, 2**33)  # a unit of 4e9 documents
+    assert load_result(tmp_path / "big.npz", "p")[1][0].tolist() == [5, 2**32 + 7]
