@@ -33,6 +33,21 @@ def split_docs(out: Path, split: str) -> list[list[int]]:
     return [data.document(i).tolist() for i in range(data.num_documents)]
 
 
+def both_readings(tmp_path: Path, tokenize_config, sources: list, common: dict) -> tuple[Path, Path, dict]:
+    """Tokenize `sources` once with `reading: main` and once as the workers read: (workers' out, main's out, their
+    summaries), having checked that both trained the same tokenizer and wrote the same documents in each split."""
+    summaries = {}
+    for reading in ("main", "workers"):
+        cfg = tokenize_config(sources, out_dir=str(tmp_path / reading), reading=reading, **common)
+        assert tokenize.main([str(cfg)]) == 0
+        summaries[reading] = json.loads((tmp_path / reading / "summary.json").read_text())
+    workers, main = tmp_path / "workers", tmp_path / "main"
+    assert (workers / "tokenizer" / "tokenizer.json").read_bytes() == (main / "tokenizer" / "tokenizer.json").read_bytes()
+    for split in ("train", "val"):
+        assert split_docs(workers, split) == split_docs(main, split)
+    return workers, main, summaries
+
+
 def test_round_trip_gives_back_every_document_followed_by_eos(tmp_path, tokenize_config, tiny_tokenizer):
     texts = sample_texts(120)
     write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
@@ -484,16 +499,8 @@ def test_workers_read_their_own_spans_and_files_into_the_same_documents_as_the_m
     common = {"split": {"val_fraction": 0.2} if dedup == "none" else {"val_docs": 60}, "bad_records": "skip",
               "shard_bytes": 8192, "dedup": dedup,
               "tokenizer": {"train": {"vocab_size": 400, "sample_bytes": 40_000}}}  # from the survey: the same
-    summaries = {}
-    for reading in ("main", "workers"):
-        cfg = tokenize_config(sources, out_dir=str(tmp_path / reading), reading=reading, **common)
-        assert tokenize.main([str(cfg)]) == 0
-        summaries[reading] = json.loads((tmp_path / reading / "summary.json").read_text())
-    workers, main = tmp_path / "workers", tmp_path / "main"
-    assert (workers / "tokenizer" / "tokenizer.json").read_bytes() == (main / "tokenizer" / "tokenizer.json").read_bytes()
+    workers, main, summaries = both_readings(tmp_path, tokenize_config, sources, common)
     assert dedup == "none" or TokenShards(workers, "val").num_documents == 60
-    for split in ("train", "val"):
-        assert split_docs(workers, split) == split_docs(main, split)
     for key in ("documents", "tokens", "bytes", "skipped", "skipped_files", "per_source"):
         assert summaries["workers"][key] == summaries["main"][key], key
     assert summaries["workers"]["skipped"] == {"malformed_json": 1, "unknown_extension": 1,
@@ -553,15 +560,7 @@ def test_a_saved_hugging_face_dataset_is_read_by_the_workers_in_row_ranges(tmp_p
     sources = [{"type": "hf", "name": str(tmp_path / "ds")}]
     common = {"split": {"val_docs": 30}, "dedup": "exact", "bad_records": "skip", "shard_bytes": 8192,
               "tokenizer": {"train": {"vocab_size": 400, "sample_bytes": 30_000}}}
-    summaries = {}
-    for reading in ("main", "workers"):
-        cfg = tokenize_config(sources, out_dir=str(tmp_path / reading), reading=reading, **common)
-        assert tokenize.main([str(cfg)]) == 0
-        summaries[reading] = json.loads((tmp_path / reading / "summary.json").read_text())
-    workers, main = tmp_path / "workers", tmp_path / "main"
-    assert (workers / "tokenizer" / "tokenizer.json").read_bytes() == (main / "tokenizer" / "tokenizer.json").read_bytes()
-    for split in ("train", "val"):
-        assert split_docs(workers, split) == split_docs(main, split)
+    workers, main, summaries = both_readings(tmp_path, tokenize_config, sources, common)
     for key in ("documents", "tokens", "skipped", "per_source"):
         assert summaries["workers"][key] == summaries["main"][key], key
     assert summaries["workers"]["skipped"] == {"duplicate": 25, "not_text": 1}
