@@ -472,8 +472,18 @@ class FilesReader(Reader):
 
     def _csv(self, path: Path, policy: Policy) -> Iterator[str]:
         csv.field_size_limit(sys.maxsize)  # a document can be far longer than csv's 128 KiB default
-        decoded = (policy.decode(raw, f"{path}:{number}", offset) for number, offset, raw in lines(path))
-        reader = csv.reader(decoded)
+        cap = policy.max_document_bytes
+        longest = 2 * cap + 2**20 if cap else -1  # a line is never held whole past this (a row is not split)
+
+        def decoded() -> Iterator[str]:
+            for number, offset, raw in whole_lines(path, longest):
+                if raw is None:  # the csv reader's place in a quoted field is lost: the rest of the file with it
+                    policy.skip_file(path, "too_long", f"line {number} is longer than {longest:,} bytes (2 x "
+                                     "max_document_bytes): the rest of the file is not read")
+                    return
+                yield policy.decode(raw, f"{path}:{number}", offset)
+
+        reader = csv.reader(decoded())
         header = next(reader, None)
         if header is None:
             return

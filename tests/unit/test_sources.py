@@ -423,3 +423,19 @@ def test_a_json_array_is_read_a_record_at_a_time_in_bounded_memory(tmp_path):
     assert policy.skipped["too_long"] == 1 and "longer than" in policy.skipped_files[str(tmp_path / "huge.json")]
     (tmp_path / "empty.json").write_text(" [ ] ")
     assert docs(files(tmp_path / "empty.json", tmp_path / "bad.json"), Policy(bad_records="skip")) == ["kept", "also"]
+
+
+def test_a_csv_line_longer_than_twice_the_document_cap_is_never_held_whole(tmp_path):
+    """A CSV line used to be read whole however long (one 10 GB line: 10 GB of memory). Past twice
+    max_document_bytes the rest of the file is skipped and reported, as a JSON array's record is."""
+    import tracemalloc
+
+    (tmp_path / "ok.csv").write_text('id,text\n1,"short"\n2,"two\nlines"\n')
+    (tmp_path / "big.csv").write_text("id,text\n1,first\n2," + "x" * 20_000_000 + "\n3,lost\n")
+    policy = Policy(max_document_bytes=100_000)
+    tracemalloc.start()
+    got = docs(files(tmp_path / "ok.csv", tmp_path / "big.csv"), policy)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == ["short", "two\nlines", "first"] and peak < 5e6  # the 20 MB line read past in pieces
+    assert policy.skipped["too_long"] == 1 and "line 3 is longer than" in policy.skipped_files[str(tmp_path / "big.csv")]
