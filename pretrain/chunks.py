@@ -1,5 +1,5 @@
-"""The units of work of `lmforge tokenize`: files (or byte spans of one) that a worker reads, parses and encodes
-itself, or chunks of documents the main process read (Hugging Face datasets, `reading: main`); each is encoded
+"""The units of work of `lmforge tokenize`: files, byte spans of one or row ranges of a dataset that a worker reads,
+parses and encodes itself, or chunks of documents the main process read (streaming datasets, `reading: main`); each is encoded
 into its train and val shards and recorded as finished, so that a rerun reuses exactly the units whose files (or
 documents), split and tokenizer are unchanged (pretrain/tokenize.py reads top to bottom around these)."""
 

@@ -5,8 +5,8 @@ the whole corpus first (the tokenizer's sample, the val_docs cut, exact dedup) -
 encoder check -> units that N worker processes read, parse and encode, each shard published atomically ->
 meta.json -> summary.
 
-The main process only plans and merges; the workers read, for the survey and for encoding. Only a Hugging Face
-dataset source (or `reading: main`) makes the main process read and send chunks of documents. Memory stays
+The main process only plans and merges; the workers read, for the survey and for encoding. Only a streaming
+dataset (or `reading: main`) makes the main process read and send chunks of documents. Memory stays
 bounded: at most 2 x workers units in flight, each worker holding one shard of `shard_bytes` at a time. A rerun
 skips every unit whose completion record matches (the files, their sizes and times; or the documents, for read
 chunks), so a crashed run resumes and ends byte-identical to an uninterrupted one. meta.json is written last; a
@@ -239,9 +239,9 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
     print(f"[tokenize] tokenizer: vocab {vocab_size}, EOS {eos_token!r} = {eos_id}, ids as {dtype.name}, "
           f"encoder {encoder.kind} ({encoder.reason})")
 
-    # -- encode: units of files that workers read, parse and encode themselves (the main process only lists
-    # them: its serial share stays small at any worker count); or, for a Hugging Face dataset, chunks of
-    # documents the main process reads
+    # -- encode: units of files, byte spans or dataset row ranges that workers read, parse and encode themselves
+    # (the main process only lists them: its serial share stays small at any worker count); or, for a streaming
+    # dataset, chunks of documents the main process reads
     policy = Policy.of(cfg)
     if not planned_reading:
         units = chunked(read_sources(readers, policy), cfg.shard_bytes, val_cut, wants.dedup, policy)
