@@ -1,6 +1,6 @@
 """The units of work of `lmforge tokenize`: files, byte spans of one or row ranges of a dataset that a worker reads,
-parses and encodes itself, or chunks of documents the main process read (streaming datasets, `reading: main`); each is encoded
-into its train and val shards and recorded as finished, so that a rerun reuses exactly the units whose files (or
+parses and encodes itself, or chunks of documents the main process read (streaming datasets, `reading: main`);
+each is encoded into its train and val shards and recorded as finished, so that a rerun reuses exactly the units whose files (or
 documents), split and tokenizer are unchanged (pretrain/tokenize.py reads top to bottom around these)."""
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def init_worker(tokenizer_json: str | None, fast: bool, eos_id: int, dtype: str,
     from lmforge.data.sources import open_source
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no nested threads
-    _WORKER.update(encoder=Encoder(tokenizer_json, fast=fast) if tokenizer_json else None, eos=eos_id, dtype=np.dtype(dtype),
+    encoder = Encoder(tokenizer_json, fast=fast) if tokenizer_json else None  # none for the survey's workers
+    _WORKER.update(encoder=encoder, eos=eos_id, dtype=np.dtype(dtype),
                    vocab=vocab_size, out=Path(out), readers=[open_source(s) for s in sources or []],
                    policy=policy or {})
 

@@ -83,7 +83,8 @@ def survey_docs(texts: Iterable[str], wants: Wants, limit: int, val_limit: int =
             if len(data) > wants.per_doc:  # cut at a character boundary
                 text = data[:wants.per_doc].decode("utf-8", errors="ignore")
             candidates.append((key, i, pos, text))
-    batch = {"count": 0 if sample_only else count, "keys": np.array(keys, dtype=np.uint64) if wants.dedup and not sample_only else None,
+    keys = np.array(keys, dtype=np.uint64) if wants.dedup and not sample_only else None
+    batch = {"count": 0 if sample_only else count, "keys": keys,
              "val": smallest(np.array(positions, dtype=np.uint64), wants.val_docs, wants.dedup)}
     candidates.sort()
     if wants.dedup:  # one copy of a document in the unit's prefix (the first: places break the key's ties)
@@ -131,7 +132,8 @@ class Seen:
         if fresh.size:
             self.runs.append(fresh)
             while len(self.runs) > 1 and self.runs[-1].size * 8 >= self.runs[-2].size:
-                self.runs[-2:] = [np.sort(np.concatenate(self.runs[-2:]), kind="stable")]  # timsort: a linear merge of two runs
+                # a stable sort is timsort here: a linear merge of the two sorted runs
+                self.runs[-2:] = [np.sort(np.concatenate(self.runs[-2:]), kind="stable")]
         return np.flatnonzero(~keep)
 
 

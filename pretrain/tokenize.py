@@ -385,8 +385,8 @@ def run(cfg: TokenizeConfig, part: tuple[int, int] | None = None, tokenizer_only
         "workers_at_saturation": round(worker_cpu / max(main_cpu, 1e-9), 1),
         "survey": surveyed and {  # the pass before encoding (sample, val_docs, dedup), when one ran: its serial share
             **surveyed, "main_cpu_seconds_per_gb": round(surveyed["cpu_seconds"]["main"] / max(nbytes / 1e9, 1e-12), 2),
-            "workers_at_saturation": round(surveyed["cpu_seconds"]["workers"] / max(surveyed["cpu_seconds"]["main"], 1e-9),
-                                           1)},
+            "workers_at_saturation": round(
+                surveyed["cpu_seconds"]["workers"] / max(surveyed["cpu_seconds"]["main"], 1e-9), 1)},
     }
     atomic.write_json(out / "summary.json", summary)
     skipped = ", ".join(f"{k} {v}" for k, v in meta["skipped"].items()) or "none"
@@ -438,7 +438,8 @@ def take_survey(cfg: TokenizeConfig, readers, units, wants: Wants, workers: int)
         survey = Survey(wants)
         batch, size, count = [], 0, 0
         bar = tqdm(desc="survey", unit=" docs", disable=not cfg.progress, dynamic_ncols=True)
-        for text in itertools.chain(read_all(readers, Policy.of(cfg, report=False)), [None]):  # the encoding says what it skips
+        quiet = Policy.of(cfg, report=False)  # the encoding pass says what it skips
+        for text in itertools.chain(read_all(readers, quiet), [None]):
             if text is not None:
                 batch.append(text)
                 size += len(text)
