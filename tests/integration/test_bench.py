@@ -20,7 +20,8 @@ def test_tokenize_benchmark_smoke_run(tmp_path):
     results = report["results"]
     assert set(results) == {"encode_batch", "encode_batch_1thread", "fast_path_1thread", "lmforge",
                             "lmforge_tokenizers", "lmforge_jsonl", "lmforge_jsonl_main_reading", "datasets_map",
-                            "lmforge_x2"}
+                            "lmforge_x2", "lmforge_jsonl_survey", "lmforge_jsonl_survey_main_reading",
+                            "lmforge_jsonl_survey_x2"}
     assert results["fast_path_1thread"]["identical_ids"] is True
     # every method encoded the same documents into the same number of tokens (EOS included)
     assert results["encode_batch"]["tokens"] == results["lmforge"]["tokens"] == results["lmforge_tokenizers"]["tokens"]
@@ -33,6 +34,14 @@ def test_tokenize_benchmark_smoke_run(tmp_path):
         ratio = cpu["workers"] / cpu["main"]  # from seconds rounded to 1 ms: agree to a few percent
         assert abs(results[key]["workers_at_saturation"] - ratio) <= 0.1 * ratio + 0.1
     assert results["lmforge_x2"]["bytes"] == 2 * results["lmforge"]["bytes"]
+    # the survey (a tokenizer trained on its sample, val_docs, exact dedup): the workers' and the main process's
+    # reading train the same tokenizer and keep the same documents; each reports its own serial share
+    survey, before = results["lmforge_jsonl_survey"], results["lmforge_jsonl_survey_main_reading"]
+    assert survey["tokens"] == before["tokens"] and survey["documents"] == before["documents"]
+    assert survey["survey"]["cpu_seconds"]["main"] > 0 and survey["survey"]["cpu_seconds"]["workers"] > 0
+    assert before["survey"]["cpu_seconds"]["workers"] == 0  # the main process read for it
+    assert results["lmforge_jsonl_survey_x2"]["documents"] == 2 * survey["documents"]  # distinct copies: none dropped
+    assert "survey_marginal_main_cpu_seconds_per_gb" in report["ratios"]
     assert results["lmforge"]["encoder"] == "tiktoken" and results["lmforge_tokenizers"]["encoder"] == "tokenizers"
     assert all(r["mb_per_s"] > 0 and r["peak_rss_bytes"] > 0 for r in results.values())
     assert set(report["targets"]) == {"lmforge_vs_encode_batch", "lmforge_vs_datasets_map",
